@@ -1,0 +1,135 @@
+"""RTN int4 draft weights: error bound, scale rule, packing, and vLLM's own CPU W4A16 kernel."""
+
+import pytest
+import torch
+
+from vllm_quantspec.draft_weights import (
+    W4Weight,
+    dequantize,
+    pack_int4,
+    quantize_w4,
+    rtn_int4,
+    unpack_int4,
+)
+
+
+def _weights(kind: str, n: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if kind == "normal":
+        return torch.randn(n, k, generator=g) * 0.05
+    # heavy tails plus a few outlier input channels, as in real LLM weights
+    w = torch.distributions.StudentT(2.0).sample((n, k)) * 0.02
+    w[:, torch.randperm(k, generator=g)[:3]] *= 50
+    return w
+
+
+def _group_scale(w4: W4Weight) -> torch.Tensor:
+    return w4.weight_scale.float().repeat_interleave(w4.group_size, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_error_bound_and_scale_rule(kind, dtype, group_size):
+    w = _weights(kind, 48, 256).to(dtype)
+    w4 = quantize_w4(w, group_size)
+    assert w4.weight_packed.dtype == torch.int32 and w4.weight_packed.shape == (48, 32)
+    assert w4.weight_scale.dtype == dtype and w4.weight_scale.shape == (48, 256 // group_size)
+    err = (w.float() - dequantize(w4)).abs()
+    # fp32 slack: w / s carries a relative error <= 2^-24, so y = w/s (|y| <= 7.5) may land on
+    # the wrong side of a .5 tie by ~5e-7; q*s is exact and the subtraction adds <= 2^-24 rel.
+    assert (err <= _group_scale(w4) * (0.5 + 1e-6)).all()
+    # the scale is the smallest `dtype` value >= absmax/7.5: not merely *some* bounding scale
+    target = w.float().reshape(48, -1, group_size).abs().amax(-1) / 7.5
+    s = w4.weight_scale
+    assert (s.float() >= target).all()
+    below = torch.nextafter(s, torch.zeros_like(s)).float()
+    assert (below < target).all()
+
+
+def test_zero_group_is_exact():
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    w[:5] = 0
+    w[7, 32:] = 0
+    w4 = quantize_w4(w, 32)
+    assert (w4.weight_scale[:5] == 0).all() and w4.weight_scale[7, 1] == 0
+    deq = dequantize(w4)
+    assert torch.isfinite(deq).all()
+    assert (deq[:5] == 0).all() and (deq[7, 32:] == 0).all()
+
+
+def test_constant_rows_hit_the_ties():
+    # |w| = absmax everywhere, s = 0.9375/7.5 = 0.125 exactly: w/s = +-7.5 ties round half-even
+    # to +-8, and +8 clamps to 7 (error exactly s/2) while -8 is exact
+    w = torch.full((32, 64), 0.9375, dtype=torch.float16)
+    w[16:] = -0.9375
+    q, s = rtn_int4(w, 32, torch.float16)
+    assert (s == 0.125).all()
+    assert (q[:16] == 7).all() and (q[16:] == -8).all()
+
+
+def test_pack_unpack_round_trip():
+    q = torch.randint(-8, 8, (16, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (16, 12)
+    assert torch.equal(unpack_int4(packed, 96), q)
+
+
+def test_pack_layout_is_uint4b8_low_nibble_first():
+    # column k of a row -> nibble k % 8 of word k // 8, counted from the low bits, stored as q + 8
+    q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7]], dtype=torch.int8)
+    expected = sum((int(v) + 8) << (4 * i) for i, v in enumerate(q[0]))
+    expected -= 1 << 32  # top nibble is 15: the uint32 reads back as a negative int32
+    assert pack_int4(q).item() == expected
+
+
+def test_state_dict_names_and_shapes():
+    w4 = quantize_w4(torch.randn(64, 256, dtype=torch.float16), 128)
+    sd = w4.state_dict()
+    assert set(sd) == {"weight_packed", "weight_scale", "weight_shape"}
+    assert sd["weight_shape"].tolist() == [64, 256]
+
+
+def test_bad_group_size_is_refused():
+    with pytest.raises(ValueError):
+        quantize_w4(torch.randn(8, 96), 64)
+
+
+def _vllm_w4a16_layer(w4: W4Weight, act_dtype, monkeypatch):
+    """A linear layer built by vLLM's CompressedTensorsWNA16 scheme (so choose_mp_linear_kernel
+    picks the kernel, CPUWNA16 here), loaded with our parameters and repacked by the kernel."""
+    import vllm.model_executor.parameter as vllm_param
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_wNa16 import (
+        CompressedTensorsWNA16,
+    )
+
+    # vLLM parameters read the tensor-parallel rank at construction: act as a single rank
+    monkeypatch.setattr(vllm_param, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vllm_param, "get_tensor_model_parallel_world_size", lambda: 1)
+    n, k = w4.shape
+    scheme = CompressedTensorsWNA16(strategy="group", num_bits=4, group_size=w4.group_size, symmetric=True)
+    layer = torch.nn.Module()
+    scheme.create_weights(layer, output_size=n, input_size=k, output_partition_sizes=[n],
+                          input_size_per_partition=k, params_dtype=act_dtype, weight_loader=None)
+    for name, tensor in w4.state_dict().items():
+        getattr(layer, name).data.copy_(tensor)
+    layer.bias = None
+    scheme.process_weights_after_loading(layer)
+    return scheme, layer
+
+
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", [(64, 256, 128), (96, 192, 64)])
+def test_vllm_cpu_w4a16_kernel_matches_dequantized(act_dtype, n, k, group_size, monkeypatch):
+    w4 = quantize_w4(_weights("heavy", n, k).to(act_dtype), group_size)
+    scheme, layer = _vllm_w4a16_layer(w4, act_dtype, monkeypatch)
+    assert type(scheme.kernel).__name__ == "CPUWNA16LinearKernel"
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(2)).to(act_dtype)
+    y = scheme.apply_weights(layer, x, None)
+    w = dequantize(w4)
+    ref = x.float() @ w.T
+    # the kernel may round the dequantized weight and its output to act_dtype: a few ulps of
+    # the magnitude sum |x| @ |W|^T (a wrong nibble order or scale layout errs by O(100%))
+    mag = x.float().abs() @ w.abs().T
+    eps = torch.finfo(act_dtype).eps
+    assert ((y.float() - ref).abs() <= 4 * eps * mag + 1e-6).all()

@@ -1,0 +1,91 @@
+"""Draft weights (W4A16): RTN int4 symmetric group quantization of a linear weight [N, K].
+
+Output format = compressed-tensors "pack-quantized", weight type `uint4b8`, symmetric, strategy
+"group": exactly the parameters `CompressedTensorsWNA16.create_weights` allocates, so every vLLM
+W4A16 kernel (Machete / Marlin / TritonW4A16 on GPU, CPUWNA16 on CPU) runs it unchanged:
+  weight_packed  int32 [N, K/8]   input column k of row n is the nibble q+8 (in [0, 15]) at bits
+                                  4*(k % 8) .. 4*(k % 8)+3 of word [n, k // 8] (lowest k in the
+                                  lowest bits); packing/unpacking is compressed-tensors' own code
+  weight_scale   model dtype [N, K/g]
+  weight_shape   int64 [2] = (N, K)
+The kernel's weight is W[n, k] = q[n, k] * weight_scale[n, k // g], q in [-8, 7].
+
+Rounding / scale rule (per group of g consecutive input columns of one row):
+  s = absmax(group) / 7.5, computed in fp32 and rounded UP to the model dtype
+  q = clamp(round_half_even(w / s), -8, 7)      (q = 0 where s == 0: an all-zero group)
+Why 7.5: the grid {-8..7}*s has error <= s/2 on [-8.5 s, 7.5 s]; absmax/7.5 is the smallest
+symmetric scale that keeps both +absmax and -absmax inside (it is also compressed-tensors'
+`calculate_qparams` rule, so we agree with llm-compressor's RTN). Why round the scale up: then
+|w / s| <= 7.5 after storing s in fp16/bf16, so the clamp at +7 never costs more than s/2.
+Hence |w - q*s| <= s/2 for every element (up to fp32 rounding of w / s).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+from vllm_quantspec.hierarchical_kv import round_to_dtype
+
+NUM_BITS = 4
+PACK_FACTOR = 32 // NUM_BITS  # int4 values per int32 word
+Q_MIN, Q_MAX = -8, 7
+
+
+@dataclass(frozen=True)
+class W4Weight:
+    """One quantized linear weight, in compressed-tensors WNA16 (uint4b8) parameter format."""
+
+    weight_packed: torch.Tensor  # int32 [N, K/8]
+    weight_scale: torch.Tensor  # model dtype [N, K/g]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight_packed.shape[0], self.weight_packed.shape[1] * PACK_FACTOR
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters `CompressedTensorsWNA16.create_weights` registers, by their names."""
+        return {
+            "weight_packed": self.weight_packed,
+            "weight_scale": self.weight_scale,
+            "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
+        }
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] in [-8, 7] -> int32 [N, K/8] (uint4b8 nibbles, packed along K)."""
+    return pack_to_int32(q.to(torch.int8), NUM_BITS, packed_dim=1)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [N, K/8] -> int8 [N, K] in [-8, 7]; inverse of `pack_int4`."""
+    return unpack_from_int32(packed, NUM_BITS, torch.Size((packed.shape[0], k)), packed_dim=1)
+
+
+def rtn_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of the module docstring: -> (q int8 [N, K], scale `scale_dtype` [N, K/g])."""
+    n, k = weight.shape
+    if k % group_size or k % PACK_FACTOR:
+        raise ValueError(f"input size {k} must be a multiple of group_size {group_size} and of {PACK_FACTOR}")
+    w = weight.float().reshape(n, k // group_size, group_size)
+    scale = round_to_dtype(w.abs().amax(dim=-1) / 7.5, scale_dtype, up=True)
+    s = scale.float().unsqueeze(-1)
+    y = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0)
+    q = torch.round(y).clamp(Q_MIN, Q_MAX)  # torch.round is round-half-even
+    return q.to(torch.int8).reshape(n, k), scale
+
+
+def quantize_w4(weight: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype | None = None) -> W4Weight:
+    """RTN-quantize a linear weight [N, K] (out, in) with scales in `scale_dtype` (default: weight's)."""
+    q, scale = rtn_int4(weight, group_size, scale_dtype or weight.dtype)
+    return W4Weight(pack_int4(q), scale, group_size)
+
+
+def dequantize(w4: W4Weight) -> torch.Tensor:
+    """The fp32 weight [N, K] the kernels compute with: q * scale (exact in fp32).
+
+    A kernel may round each product to the activation dtype before its fp32 accumulation.
+    """
+    q = unpack_int4(w4.weight_packed, w4.shape[1])
+    return q.float() * w4.weight_scale.float().repeat_interleave(w4.group_size, dim=1)
