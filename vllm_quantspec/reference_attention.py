@@ -9,15 +9,16 @@ import torch
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout, read_groups
 
 
-def gather_kv(b: int, q_len: int, seq_len: int, num_quantized: int, block_table: torch.Tensor, pages: torch.Tensor,
-              layout: HierarchicalPageLayout, k_ring: torch.Tensor, v_ring: torch.Tensor, ring_slot: int,
-              k_new: torch.Tensor, v_new: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 keys and values [seq_len, H, D] of sequence b: pages [0, Q), ring [Q, C), new [C, seq_len)."""
+def gather_kv(blocks: torch.Tensor, num_quantized: int, pages: torch.Tensor, layout: HierarchicalPageLayout,
+              k_ring: torch.Tensor, v_ring: torch.Tensor, ring_slot: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              seq_len: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 keys and values [seq_len, H, D] of one sequence (block table row `blocks`, new tokens
+    k_new/v_new [q_len, H, D]): pages [0, Q), ring [Q, C), new tokens [C, seq_len)."""
     g, ring_size = layout.block_size, k_ring.shape[1]
-    ctx = seq_len - q_len
+    ctx = seq_len - k_new.shape[0]
     assert num_quantized % g == 0 and num_quantized <= ctx and ctx - num_quantized <= ring_size, \
-        (b, num_quantized, ctx, ring_size)
-    k_pages, v_pages = read_groups(pages, layout, block_table[b, :num_quantized // g], mode)  # [n, G, H, D]
+        (num_quantized, ctx, ring_size)
+    k_pages, v_pages = read_groups(pages, layout, blocks[:num_quantized // g], mode)  # [n, G, H, D]
     ring_idx = torch.arange(num_quantized, ctx, device=k_ring.device) % ring_size
     keys = (k_pages.flatten(0, 1), k_ring[ring_slot, ring_idx].float(), k_new.float())
     values = (v_pages.flatten(0, 1), v_ring[ring_slot, ring_idx].float(), v_new.float())
@@ -53,7 +54,7 @@ def attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, query_s
         s, e = starts[b], starts[b + 1]
         if e == s:
             continue
-        k, v = gather_kv(b, e - s, seq_len, quantized[b], block_table, pages, layout, k_ring, v_ring, slots[b],
-                         k_new[s:e], v_new[s:e], mode)
+        k, v = gather_kv(block_table[b], quantized[b], pages, layout, k_ring, v_ring, slots[b],
+                         k_new[s:e], v_new[s:e], seq_len, mode)
         out[s:e] = causal_gqa_attention(q[s:e], k, v, sm_scale).to(out.dtype)
     return out
