@@ -1,0 +1,328 @@
+"""Paged decode / verify / chunked-prefill attention over the hierarchical INT4/INT8 KV cache.
+
+Same contract as ``vllm_quantspec.reference_attention.attention`` (design brief, attention contract):
+per sequence b, keys [0, Q) come from the pages (int4: U plane + metadata; int8: U + L), [Q, C)
+from the full-precision ring, [C, seq_len) are the new tokens (causal).
+
+Work split. One program = (query block, kv head, sequence, split). The query block puts
+(query tokens x the GRP query heads of the kv head) on the M dimension of every tl.dot, so each page
+is read once per kv head for all its query heads and tokens (GQA-native). The key axis of a
+sequence is cut into units (a BLOCK_N-token tile of a page, then BLOCK_F-token tiles of the
+full-precision tail); split s takes a contiguous run of units and writes a partial (normalized
+output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one split the program
+writes the output directly.
+
+Dequantization folded into the math (no dequantized K or V tile ever exists):
+  keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
+  values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
+(int4: c = hi, sc = s, off = min; int8: c = 16*hi + lo, sc = s/16, off = min - 7.5*s/16, computed as
+two dots, hi with weight 16). Codes become bf16 operands without an int->float conversion: the
+bit pattern 0x4300 | c is the bf16 number 128 + c, so the dot runs on 128 + c and the fp32 row sum
+128 * sum(bf16 weights) is subtracted after. Dot operands are bf16 (fp32 range: q*sc and p*sc never
+underflow), accumulation fp32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr):
+    """Even- and odd-channel codes of a plane tile as fp16 dot operands 1024 + c (exact).
+
+    int4: c = U nibble; int8: c = 16*U + L, built with integer ops. The bit pattern 0x6400 | c is the
+    fp16 number 1024 + c, so no int->float conversion runs; the dot's 1024 * sum(weights) is
+    subtracted in fp32 after.
+    """
+    hi = tl.load(hi_ptr + offs)
+    if INT8:
+        lo = tl.load(lo_ptr + offs)
+        c_e = ((hi & 0xF) << 4).to(tl.int16) | (lo & 0xF).to(tl.int16)
+        c_o = (hi & 0xF0).to(tl.int16) | (lo >> 4).to(tl.int16)
+    else:
+        c_e = (hi & 0xF).to(tl.int16)
+        c_o = (hi >> 4).to(tl.int16)
+    return (c_e | 0x6400).to(tl.float16, bitcast=True), (c_o | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pow2_norm(row_max):
+    """Per-row powers of two (scale, 1/scale) that put row_max in [2**14, 2**15): weights scaled by
+    them use the full fp16 precision (11 bits) whatever their magnitude; both are exact in fp32.
+    Rows below 2**-113 (zero rows of padding) get the largest scale, and 0 as inverse."""
+    e = (row_max.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased fp32 exponent
+    fb = tl.minimum(tl.maximum(268 - e, 1), 254)  # biased exponent of 2**(14 - (e - 127))
+    return (fb << 23).to(tl.float32, bitcast=True), ((254 - fb) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pairs(x, EMULATE: tl.constexpr):
+    """[N, D] model-dtype tile -> even- and odd-channel [N, D/2] dot operands."""
+    e, o = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    return _fp_operand(e, EMULATE), _fp_operand(o, EMULATE)
+
+
+@triton.jit
+def _fp_operand(x, EMULATE: tl.constexpr):
+    """Model-dtype (bf16/fp16) tile -> dot operand. The Triton interpreter cannot multiply bf16
+    tensors (it stores them as uint16), so under it (CPU tests) the exact values go in as fp32."""
+    if EMULATE:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One step of the log2-domain online softmax; rows with no visible key so far stay (-inf, 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, sq_t, sq_h,                          # q [T, Hq, D]
+    kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h,  # k_new / v_new [T, H, D]
+    kr_ptr, vr_ptr, sr_s, sr_r, sr_h,           # k_ring / v_ring [S, R, H, D] (same strides)
+    qsl_ptr, seq_lens_ptr, nq_ptr, bt_ptr, s_bt, slot_ptr,
+    khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,   # planes [nb, H, G, D/2]
+    ksc_ptr, kmn_ptr, km_blk, km_h,                          # k_scale / k_min [nb, H, D]
+    vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,                    # v_scale / v_min [nb, H, G, D/VG]
+    out_ptr, so_t, so_h,                        # out [T, Hq, D]
+    po_ptr, plse_ptr,                           # partials [T, Hq, NUM_SPLITS, D] fp32, [T, Hq, NUM_SPLITS]
+    qk_scale, R,
+    HQ: tl.constexpr, GRP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
+):
+    split = tl.program_id(0) % NUM_SPLITS
+    qb = tl.program_id(0) // NUM_SPLITS
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q0
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_quant = tl.load(nq_ptr + b)
+    ctx = seq_len - q_len
+
+    # Rows: m = token-in-block * GRP + head-in-group.
+    m = tl.arange(0, BLOCK_M)
+    qi = qb * BLOCK_Q + m // GRP
+    hq = h * GRP + m % GRP
+    row_ok = (m < BLOCK_Q * GRP) & (qi < q_len)
+    tok = (q0 + qi).to(tl.int64)
+    i = tl.arange(0, D // 2)  # channel pair: channels 2i (even stream) and 2i+1 (odd stream)
+    q = tl.load(q_ptr + tok[:, None] * sq_t + hq[:, None] * sq_h + tl.arange(0, D)[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, D // 2, 2]))
+    qs_e = q_e.to(tl.float32) * qk_scale  # log2-domain scores
+    qs_o = q_o.to(tl.float32) * qk_scale
+
+    # This split's run of units: page tiles first, then full-precision tiles up to the last key
+    # any row of this query block can see (causal).
+    sub: tl.constexpr = G // BLOCK_N
+    n_page_units = (n_quant // G) * sub
+    kv_end = ctx + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
+    n_units = n_page_units + tl.cdiv(kv_end - n_quant, BLOCK_F)
+    per_split = tl.cdiv(n_units, NUM_SPLITS)
+    u_lo = split * per_split
+    u_hi = tl.minimum(n_units, u_lo + per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    tile_off = n[:, None] * pl_t + i[None, :]  # int32: 64-bit offsets would double the registers
+
+    for u in range(u_lo, tl.minimum(u_hi, n_page_units)):
+        blk = tl.load(bt_ptr + b * s_bt + u // sub).to(tl.int64)
+        rows = (u % sub) * BLOCK_N + n
+        pl = blk * pl_blk + h * pl_h + (u % sub) * (BLOCK_N * pl_t)  # scalar; + tile_off per element
+        # Keys: fold the per-channel scale into q, the per-channel offset into one row term.
+        km = blk * km_blk + h * km_h + 2 * i
+        sc_e = tl.load(ksc_ptr + km).to(tl.float32)
+        sc_o = tl.load(ksc_ptr + km + 1).to(tl.float32)
+        off_e = tl.load(kmn_ptr + km).to(tl.float32)
+        off_o = tl.load(kmn_ptr + km + 1).to(tl.float32)
+        if INT8:
+            off_e -= sc_e * (7.5 / 16)
+            off_o -= sc_o * (7.5 / 16)
+            sc_e *= 0.0625
+            sc_o *= 0.0625
+        wf_e = qs_e * sc_e[None, :]
+        wf_o = qs_o * sc_o[None, :]
+        scale, unscale = _pow2_norm(tl.maximum(tl.max(tl.abs(wf_e), axis=1), tl.max(tl.abs(wf_o), axis=1)))
+        w_e = (wf_e * scale[:, None]).to(tl.float16)
+        w_o = (wf_o * scale[:, None]).to(tl.float16)
+        c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8)
+        s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
+        w_sum = tl.sum(w_e.to(tl.float32) + w_o.to(tl.float32), axis=1)
+        row_term = tl.sum(qs_e * off_e[None, :] + qs_o * off_o[None, :], axis=1)
+        s = (s - 1024.0 * w_sum[:, None]) * unscale[:, None] + row_term[:, None]
+
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+        acc_e *= alpha[:, None]
+        acc_o *= alpha[:, None]
+
+        # Values: fold the per-token scale into p, the per-token offset into one row term.
+        vm = blk * vm_blk + h * vm_h + rows * vm_t
+        c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8)
+        if VG == D:
+            vsc = tl.load(vsc_ptr + vm).to(tl.float32)
+            voff = tl.load(vmn_ptr + vm).to(tl.float32)
+            if INT8:
+                voff -= vsc * (7.5 / 16)
+                vsc *= 0.0625
+            pwf = p * vsc[None, :]
+            scale, unscale = _pow2_norm(tl.max(pwf, axis=1))
+            pw = (pwf * scale[:, None]).to(tl.float16)
+            corr = tl.sum(p * voff[None, :], axis=1) - 1024.0 * unscale * tl.sum(pw.to(tl.float32), axis=1)
+            acc_e += tl.dot(pw, c_e) * unscale[:, None] + corr[:, None]
+            acc_o += tl.dot(pw, c_o) * unscale[:, None] + corr[:, None]
+        else:
+            # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
+            # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
+            vg = vm[:, None] + (2 * i[None, :]) // VG
+            vsc = tl.load(vsc_ptr + vg).to(tl.float32)
+            voff = tl.load(vmn_ptr + vg).to(tl.float32)
+            if INT8:
+                voff -= vsc * (7.5 / 16)
+                vsc *= 0.0625
+            acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
+            acc_o += tl.dot(p, voff + vsc * (c_o.to(tl.float32) - 1024.0))
+
+    # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    f = tl.arange(0, BLOCK_F)
+    d = tl.arange(0, D)
+    q_e = _fp_operand(q_e, EMULATE)
+    q_o = _fp_operand(q_o, EMULATE)
+    for u in range(tl.maximum(u_lo, n_page_units), u_hi):
+        pos = n_quant + (u - n_page_units) * BLOCK_F + f
+        in_ring = (pos < ctx)[:, None]
+        is_new = ((pos >= ctx) & (pos < seq_len))[:, None]
+        ring = (slot * sr_s + (pos % R).to(tl.int64) * sr_r + h * sr_h)[:, None] + d[None, :]
+        new_tok = (q0 + pos - ctx).to(tl.int64)[:, None]
+        kn = new_tok * skn_t + h * skn_h + d[None, :]
+        vn = new_tok * svn_t + h * svn_h + d[None, :]
+        k_e, k_o = _pairs(tl.load(kr_ptr + ring, mask=in_ring, other=0.0) +
+                          tl.load(kn_ptr + kn, mask=is_new, other=0.0), EMULATE)
+        s = tl.dot(q_e, tl.trans(k_e)) + tl.dot(q_o, tl.trans(k_o))
+        s = tl.where(pos[None, :] <= (ctx + qi)[:, None], s * qk_scale, float("-inf"))
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+        v = tl.load(vr_ptr + ring, mask=in_ring, other=0.0) + tl.load(vn_ptr + vn, mask=is_new, other=0.0)
+        v_e, v_o = _pairs(v, EMULATE)
+        pb = _fp_operand(p.to(v.dtype), EMULATE)
+        acc_e = acc_e * alpha[:, None] + tl.dot(pb, v_e)
+        acc_o = acc_o * alpha[:, None] + tl.dot(pb, v_o)
+
+    has = l_i > 0.0  # false only for an empty split
+    l_safe = tl.where(has, l_i, 1.0)
+    acc_e = acc_e / l_safe[:, None]
+    acc_o = acc_o / l_safe[:, None]
+    res = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, D])  # channels back in order: 2i, 2i+1
+    d = tl.arange(0, D)
+    if NUM_SPLITS == 1:
+        o = out_ptr + tok[:, None] * so_t + hq[:, None] * so_h + d[None, :]
+        tl.store(o, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (tok * HQ + hq) * NUM_SPLITS + split
+        tl.store(po_ptr + part[:, None] * D + d[None, :], res, mask=row_ok[:, None])
+        lse = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(plse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(po_ptr, plse_ptr, out_ptr, so_t, so_h,
+                  HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Exact log-sum-exp merge of the splits of one (token, query head)."""
+    t = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, D)
+    base = (t * HQ + hq) * NUM_SPLITS
+    lse = tl.load(plse_ptr + base + sp)
+    w = tl.math.exp2(lse - tl.max(lse, axis=0))  # empty splits: exp2(-inf) = 0
+    o = tl.load(po_ptr + (base + sp)[:, None] * D + d[None, :])
+    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + t * so_t + hq * so_h + d, res.to(out_ptr.dtype.element_ty))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pick_num_splits(num_programs: int, max_units: int) -> int:
+    """Enough programs to fill the GPU (~4 per SM) but at least 4 units of work per split."""
+    sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
+    want = max(1, (4 * sms) // max(1, num_programs))
+    cap = max(1, max_units // 4)
+    return min(triton.next_power_of_2(min(want, cap)), 128)
+
+
+def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, num_quantized, block_table, pages, layout,
+                    k_ring, v_ring, ring_slot, mode, sm_scale, *, max_query_len: int | None = None,
+                    max_seq_len: int | None = None, num_splits: int | None = None, out=None,
+                    block_m: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """Triton twin of the reference attention (same arguments and result). `max_query_len` /
+    `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
+    device sync; `num_splits` overrides the split-K heuristic."""
+    assert mode in ("int4", "int8"), mode
+    T, HQ, D = q.shape
+    G, H, VG = layout.block_size, layout.num_kv_heads, layout.v_group
+    B = seq_lens.shape[0]
+    assert layout.head_dim == D and HQ % H == 0 and k_new.shape == (T, H, D) and D % 32 == 0
+    assert q.stride(2) == k_new.stride(2) == v_new.stride(2) == k_ring.stride(3) == 1
+    assert k_ring.stride() == v_ring.stride() and k_ring.dtype == k_new.dtype == v_new.dtype
+    grp = HQ // H
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0:
+        return out
+    # M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
+    if block_m is None:
+        block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
+    block_q = max(1, min(max_query_len, block_m // grp))
+    block_m = max(16, triton.next_power_of_2(block_q * grp))
+    n_qblocks = triton.cdiv(max_query_len, block_q)
+    block_n = min(G, 64)
+    block_f = 32 if block_m > 64 else 64
+    if num_splits is None:
+        num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
+    assert num_splits == triton.next_power_of_2(num_splits)
+    if num_splits > 1:
+        po = torch.empty(T, HQ, num_splits, D, dtype=torch.float32, device=q.device)
+        plse = torch.empty(T, HQ, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out  # unused
+    pv = layout.views(pages)
+    _paged_attention_kernel[(n_qblocks * num_splits, H, B)](
+        q, q.stride(0), q.stride(1),
+        k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0), v_new.stride(1),
+        k_ring, v_ring, k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
+        query_start_loc, seq_lens, num_quantized, block_table, block_table.stride(0), ring_slot,
+        pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3],
+        pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
+        pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
+        out, out.stride(0), out.stride(1), po, plse,
+        sm_scale * LOG2E, k_ring.shape[1],
+        HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_F=block_f, NUM_SPLITS=num_splits, INT8=mode == "int8", EMULATE=_interpreting(),
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), HQ=HQ, D=D, NUM_SPLITS=num_splits)
+    return out

@@ -1,0 +1,169 @@
+"""Triton paged attention (decode, verify, chunked prefill) vs the torch reference attention.
+
+CPU: TRITON_INTERPRET=1 at small shapes (G=16). GPU (`pytest -m gpu`): real shapes, G=128, bf16.
+
+Tolerances (norm-wise relative error ||out - ref|| / ||ref||, ref computed in fp32 from the same
+pages and fp32 copies of the same inputs):
+  - the page part runs on fp16 dot operands (q*scale and p*scale, each normalized per row by a power
+    of two, rounded once: 2**-11 relative) with fp32 accumulation: ~5e-4 measured, bound 2e-3;
+  - bf16 models add bf16 p in the full-precision segment (2**-9) and the bf16 output rounding
+    (half an ulp, 2**-9 relative): ~3e-3 measured, bound 8e-3 (1 bf16 ulp at the top of a binade);
+  - fp16 models: fp16 p and output (2**-11 each), bound 2e-3.
+The elementwise check |out - ref| <= 4 ulps (of the model dtype) of max|V| catches a single wrong row
+that the norm would average away: p's rounding errs relative to the values it weighs, not to the
+output (an average that can be much smaller than its largest value).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton.jit
+
+from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
+from vllm_quantspec.kernels.paged_attention import paged_attention  # noqa: E402
+from vllm_quantspec.reference_attention import attention as reference_attention  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REL_TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 2e-3}
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-10}
+
+
+def _scenario(q_lens, ctxs, *, G=16, H=2, grp=4, D=64, VG=None, R=48, dtype=torch.bfloat16, kind="normal",
+              ring_fill=None, seed=0):
+    """Random pages (written by the reference write_groups), ring, block table and queries.
+
+    ctxs[b] = C (tokens before the queries); Q = the largest multiple of G with C - Q <= ring_fill
+    (default R), so the ring holds C - Q tokens, wrapping around it where positions pass R."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = hk.HierarchicalPageLayout(G, H, D, VG)
+    B, hq = len(q_lens), H * grp
+    fill = R if ring_fill is None else ring_fill
+    n_quant = [max(0, -(-(c - fill) // G) * G) for c in ctxs]
+    assert all(nq <= c and c - nq <= R for nq, c in zip(n_quant, ctxs))
+    max_blocks = max(nq // G for nq in n_quant) + 1
+    num_blocks = B * max_blocks + 3
+    block_table = torch.randperm(num_blocks, generator=gen)[:B * max_blocks].view(B, max_blocks).int()
+
+    def data(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=gen) * scale
+        if kind == "outliers":  # heavy channels (post-RoPE keys) and a few huge tokens
+            x[..., torch.randperm(shape[-1], generator=gen)[:2]] *= 40
+            x.view(-1, shape[-1])[torch.randperm(x.numel() // shape[-1], generator=gen)[:3]] *= 20
+        elif kind == "constant":
+            x = torch.full(shape, 0.5) + 1e-3 * x
+        return x.to(dtype)
+
+    pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+    src_k, src_v = data(num_blocks * G, H, D, scale=2.0).to(DEVICE), data(num_blocks * G, H, D).to(DEVICE)
+    hk.write_groups(pages, layout, src_k, src_v, torch.arange(num_blocks * G, device=DEVICE).view(num_blocks, G),
+                    torch.arange(num_blocks, dtype=torch.int32, device=DEVICE))
+    S = B + 2
+    T = sum(q_lens)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    args = dict(
+        q=data(T, hq, D), k_new=data(T, H, D, scale=2.0), v_new=data(T, H, D),
+        query_start_loc=qsl, seq_lens=torch.tensor([c + q for c, q in zip(ctxs, q_lens)], dtype=torch.int32),
+        num_quantized=torch.tensor(n_quant, dtype=torch.int32), block_table=block_table, pages=pages,
+        layout=layout, k_ring=data(S, R, H, D, scale=2.0), v_ring=data(S, R, H, D),
+        ring_slot=torch.randperm(S, generator=gen)[:B].int(), mode="int4", sm_scale=1 / math.sqrt(D))
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _check(args, mode, **kernel_kw):
+    args = dict(args, mode=mode)
+    dtype = args["q"].dtype
+    fp32 = {k: args[k].float() for k in ("q", "k_new", "v_new", "k_ring", "v_ring")}
+    ref = reference_attention(**dict(args, **fp32))  # fp32 math and fp32 output
+    out = torch.full_like(args["q"], float("nan"))  # poisoned: every element must be written
+    paged_attention(**args, out=out, **kernel_kw)
+    assert not out.isnan().any()
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err <= REL_TOL[dtype], float(err)
+    all_blocks = torch.arange(args["pages"].shape[0], device=DEVICE)
+    v_pages = hk.read_groups(args["pages"], args["layout"], all_blocks, "int8")[1]
+    v_max = max(float(v.abs().max()) for v in (v_pages, fp32["v_new"], fp32["v_ring"]))
+    assert (out.float() - ref).abs().max() <= 4 * ULP[dtype] * v_max
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_ragged(mode, num_splits):
+    """q_len 1, ragged contexts, lengths not multiples of G, one with no quantized page at all."""
+    args = _scenario([1, 1, 1, 1], [75, 16, 130, 7])
+    _check(args, mode, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("grp,D", [(1, 64), (3, 128), (4, 64), (8, 128)])
+def test_verify_gqa(mode, grp, D):
+    """Verify: q_len = gamma + 1 for gamma 1..8, every GQA ratio, head_dim 64 and 128."""
+    args = _scenario([2, 9, 5, 1, 7], [50, 33, 91, 64, 18], grp=grp, D=D, H=2 if grp < 8 else 1, seed=grp)
+    _check(args, mode)
+
+
+@pytest.mark.parametrize("gamma", range(1, 9))
+def test_verify_each_gamma(gamma):
+    args = _scenario([gamma + 1, gamma + 1], [61, 100], seed=gamma)
+    _check(args, "int8" if gamma % 2 else "int4", num_splits=2)
+
+
+@pytest.mark.parametrize("kind", ["outliers", "constant"])
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_data_kinds(kind, mode, dtype):
+    args = _scenario([1, 5, 3], [70, 40, 100], kind=kind, dtype=dtype)
+    _check(args, mode, num_splits=2)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_value_groups_fp16(mode):
+    """v_group < head_dim (several value groups per token) and an fp16 model."""
+    args = _scenario([1, 4], [80, 45], VG=16, dtype=torch.float16)
+    _check(args, mode, num_splits=2)
+
+
+def test_ring_wraps_and_full():
+    """Ring exactly full (C - Q == R) and tokens wrapping around the ring's end."""
+    args = _scenario([3, 1], [96 + 48, 40], R=48)
+    _check(args, "int8")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
+def test_splits_including_empty(num_splits):
+    """More splits than units: empty splits must merge as exact zeros."""
+    args = _scenario([1, 2], [20, 37])
+    _check(args, "int4", num_splits=num_splits)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_chunked_prefill_mixed_batch(mode):
+    """Chunked prefill (q_len 40 over quantized context + ring) next to decodes: several query
+    blocks per sequence, causal inside the chunk; also a first chunk with no context at all."""
+    args = _scenario([40, 1, 23, 3], [64, 90, 0, 20], ring_fill=24)
+    _check(args, mode, num_splits=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("q_len", [1, 5, 9])
+@pytest.mark.parametrize("kind", ["normal", "outliers"])
+def test_gpu_llama8b_shape(mode, q_len, kind):
+    """Llama-3.1-8B attention shape (32 q heads, 8 kv heads, D=128), G=128, bf16, 8k-20k contexts,
+    the split-K heuristic and the real Triton compilation."""
+    args = _scenario([q_len] * 3, [8000, 20000, 12345], G=128, H=8, grp=4, D=128, R=384, ring_fill=200,
+                     kind=kind)
+    _check(args, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_chunked_prefill(mode):
+    args = _scenario([512, 1, 300], [4096, 9000, 0], G=128, H=8, grp=4, D=128, R=384, ring_fill=200)
+    _check(args, mode)
