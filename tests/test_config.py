@@ -60,7 +60,15 @@ def test_defaults(llama):
     assert (sc.num_speculative_tokens, o.kv_group_size, o.v_group_size, o.draft_weight_bits,
             o.draft_weight_group_size, o.quantize_lm_head, o.fp_buffer) == (4, 128, 64, 4, 128, False, "double")
     assert o.draft_quantized_linears == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    assert o.fp_buffer_capacity() == 128 + 128 + 4 + 1
+
+
+def test_draft_weight_group_follows_the_model(tmp_path_factory):
+    """576 = 9 x 64 (SmolLM2's hidden size): the automatic int4 group is 64, and 128 is refused."""
+    d = _model_dir(tmp_path_factory, "smol", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                   num_key_value_heads=3, head_dim=64)
+    assert build(d, {"method": "quantspec"}).speculative_config.quantspec.draft_weight_group_size == 64
+    with pytest.raises(QuantSpecConfigError, match=r"'draft_weight_group_size'\]=128 .*expected one of \[32, 64\]"):
+        build(d, {"method": "quantspec", "draft_weight_group_size": 128})
 
 
 def test_accepted_from_vllm_serve_cli(llama):

@@ -89,3 +89,15 @@ def dequantize(w4: W4Weight) -> torch.Tensor:
     """
     q = unpack_int4(w4.weight_packed, w4.shape[1])
     return q.float() * w4.weight_scale.float().repeat_interleave(w4.group_size, dim=1)
+
+
+class DequantizedW4Linear:
+    """The torch twin of a W4A16 kernel, for activations no vLLM W4A16 kernel takes (fp32 on CPU,
+    where CPUWNA16 runs bf16/fp16 only): the same int4 weights, dequantized once, then a dense GEMM.
+    It stands in as the layer's ``quant_method``, so it needs only ``apply``."""
+
+    def __init__(self, w4: W4Weight, dtype: torch.dtype):
+        self.weight = dequantize(w4).to(dtype)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, bias)

@@ -6,8 +6,9 @@ full-precision ring (``recent_buffer``). Target layers read pages as INT8 (both 
 (``draft_model.*``, the QuantSpec proposer) read the same pages as INT4 (upper plane only).
 
 Per layer and step, in this order: complete, verified groups are flushed from the ring (or, in
-prefill, from the new K/V) into their pages; attention reads pages [0, Q), the ring [Q, C) and the
-new tokens [C, seq_len) straight from the layer's input; last, the new K/V go to the ring. Writing
+prefill, from the new K/V) into their pages; attention reads, for a query at position t, pages below
+Q(t) and full-precision keys from Q(t) on (the ring below the step's context C, the layer's input
+from C); last, the new K/V go to the ring. Writing
 last matters: a long prefill chunk wraps the ring, and the flush and the attention still need the
 context rows it overwrites. Only the target flushes, and only verified tokens.
 """
@@ -127,7 +128,6 @@ class HierarchicalKVMetadata:
     num_actual_tokens: int
     query_start_loc: torch.Tensor  # [B+1] i32
     seq_lens: torch.Tensor  # [B] i32
-    num_quantized: torch.Tensor  # [B] i32: positions [0, Q) are read from pages
     block_table: torch.Tensor  # [B, max_blocks] i32
     ring_slot: torch.Tensor  # [B] i32
     # ring writes: new-token row -> flat ring row (slot * capacity + position % capacity)
@@ -137,6 +137,7 @@ class HierarchicalKVMetadata:
     flush_blocks: torch.Tensor  # [n] i32 destination page of each group
     flush_from_ring: tuple[torch.Tensor, torch.Tensor]  # (staged rows, flat ring rows)
     flush_from_new: tuple[torch.Tensor, torch.Tensor]  # (staged rows, new-token rows)
+    fp_keep: int = 0  # query t reads positions < quantized_len(t; fp_keep) from pages
     is_draft_step: bool = False  # built by build_for_drafting: draft layers never flush
 
 
@@ -159,35 +160,34 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
               fast_build: bool = False) -> HierarchicalKVMetadata:
         return self._build(common_attn_metadata, is_draft_step=False)
 
+    def build_for_drafting(self, common_attn_metadata: CommonAttentionMetadata,
+                           draft_index: int) -> HierarchicalKVMetadata:
+        return self._build(common_attn_metadata, is_draft_step=True)
+
     def _build(self, cm: CommonAttentionMetadata, is_draft_step: bool) -> HierarchicalKVMetadata:
+        """Target steps flush; draft steps (one token each) only read pages and write the ring."""
         cfg, n = self.config, cm.num_reqs
         qsl = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
         seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                     else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
         q_lens = np.diff(qsl)
         ctx = seq_lens - q_lens
-        if cm.is_prefilling is not None:
-            prefilling = cm.is_prefilling[:n].cpu().numpy().astype(bool)
-        else:
-            prefilling = q_lens > 1 + cfg.gamma
-        verified_after = np.where(prefilling, seq_lens, ctx + 1)
         slots = self.buffer.slots_for_batch(n)
         block_table = cm.block_table_tensor[:n]
         block_table_cpu = block_table.cpu().numpy()  # one copy per step, shared by all layers
         cap, g = cfg.capacity, cfg.group_size
 
-        quantized, write_src, write_dst = [], [], []
+        write_src, write_dst = [], []
         flush_blocks, ring_rows, ring_src, new_rows, new_src = [], [], [], [], []
         for b in range(n):
             c, s, slot, start = int(ctx[b]), int(seq_lens[b]), slots[b], int(qsl[b])
-            quantized.append(cfg.quantized_len(c))
-            first = max(c, s - cap)  # only the last `capacity` positions can be in the ring
+            first = max(c, s - cap)  # only the last `capacity` positions can stay in the ring
             pos = np.arange(first, s)
             write_src.append(start + pos - c)
             write_dst.append(slot * cap + pos % cap)
             if is_draft_step:
                 continue
-            lo, hi = cfg.flush_range(c, int(verified_after[b]))
+            lo, hi = cfg.flush_range(c, s)
             for block_start in range(lo, hi, g):
                 j = len(flush_blocks)
                 flush_blocks.append(int(block_table_cpu[b, block_start // g]))
@@ -206,7 +206,6 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=cm.query_start_loc[: n + 1],
             seq_lens=cm.seq_lens[:n],
-            num_quantized=dev([np.array(quantized)], torch.int32),
             block_table=block_table,
             ring_slot=dev([np.array(slots)], torch.int32),
             ring_write_src=dev(write_src),
@@ -214,6 +213,9 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
             flush_blocks=dev([np.array(flush_blocks, dtype=np.int64)], torch.int32),
             flush_from_ring=(dev(ring_rows), dev(ring_src)),
             flush_from_new=(dev(new_rows), dev(new_src)),
+            # A draft query at t reads pages only below quantized_len(t - γ): the target has flushed
+            # that far (t - γ is at most its last verified position), and no further.
+            fp_keep=cfg.fp_keep + (cfg.gamma if is_draft_step else 0),
             is_draft_step=is_draft_step,
         )
 
@@ -255,8 +257,8 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
         if not is_draft and md.flush_blocks.numel():
             self._flush(md, kv_cache, flat_k, flat_v, k, v)
         out = reference_attention.attention(
-            q, k, v, md.query_start_loc, md.seq_lens, md.num_quantized, md.block_table, kv_cache, self.layout,
-            k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale)
+            q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
+            k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
         output[:t].copy_(out)
         flat_k.index_copy_(0, md.ring_write_dst, k.index_select(0, md.ring_write_src))
         flat_v.index_copy_(0, md.ring_write_dst, v.index_select(0, md.ring_write_src))

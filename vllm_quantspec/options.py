@@ -53,7 +53,9 @@ class QuantSpecOptions:
     """Full-precision recent-token buffer. "double": between G and 2G verified tokens stay in full
     precision (the paper's buffer). "single": between 0 and G (less memory, lower acceptance)."""
     draft_weight_bits: int = 4
-    draft_weight_group_size: int = 128
+    draft_weight_group_size: int | None = None
+    """Input channels per int4 weight group. None: the largest of 128, 64, 32 that divides every
+    linear layer's (tensor-parallel) input size."""
     draft_quantized_linears: tuple[str, ...] = DRAFT_LINEARS
     """Linear layers whose draft copy is int4. "all" (default), "mlp" (the paper's public code) or a list."""
     quantize_lm_head: bool = False
@@ -62,10 +64,6 @@ class QuantSpecOptions:
     def fp_buffer_min_tokens(self) -> int:
         """Fewest verified tokens a sequence keeps in full precision once it has that many."""
         return self.kv_group_size if self.fp_buffer == "double" else 0
-
-    def fp_buffer_capacity(self) -> int:
-        """Ring slots per sequence: the verified window plus room for γ+1 speculative tokens."""
-        return self.fp_buffer_min_tokens() + self.kv_group_size + self.num_speculative_tokens + 1
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpecOptions))
@@ -140,9 +138,9 @@ def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dic
     if bits != 4 or isinstance(bits, bool):
         raise _fail("draft_weight_bits", "only 4-bit draft weights are supported", bits)
     opts["draft_weight_bits"] = 4
-    opts["draft_weight_group_size"] = _int_in(
-        "draft_weight_group_size", raw.get("draft_weight_group_size", 128), WEIGHT_GROUP_SIZES
-    )
+    group = raw.get("draft_weight_group_size")
+    opts["draft_weight_group_size"] = None if group is None else _int_in("draft_weight_group_size", group,
+                                                                          WEIGHT_GROUP_SIZES)
     opts["draft_quantized_linears"] = _draft_linears(raw.get("draft_quantized_linears", "all"))
     lm_head = raw.get("quantize_lm_head", False)
     if not isinstance(lm_head, bool):
@@ -183,6 +181,13 @@ def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
             f"block_size={args.block_size} must equal speculative_config['kv_group_size']="
             f"{options.kv_group_size} with method 'quantspec' (one KV page holds one key group)"
         )
+    backend = args.attention_backend or args.attention_config.backend
+    backend = None if backend is None else getattr(backend, "name", str(backend)).upper()
+    if backend not in (None, "CUSTOM"):
+        raise QuantSpecConfigError(
+            f"attention_backend={backend} cannot serve method 'quantspec': its draft and target read "
+            "the hierarchical KV cache, which only the plugin's backend (CUSTOM) implements; leave it unset"
+        )
     if args.async_scheduling:
         raise QuantSpecConfigError(
             "async_scheduling=True is not supported with method 'quantspec' (vLLM's draft-model "
@@ -190,6 +195,8 @@ def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
         )
     args.enable_prefix_caching = False
     args.block_size = options.kv_group_size
+    if backend is None and args.attention_config.backend is None:
+        args.attention_backend = "CUSTOM"
 
 
 def _is_moe(hf_text_config: Any) -> bool:
@@ -199,8 +206,9 @@ def _is_moe(hf_text_config: Any) -> bool:
     )
 
 
-def check_target(model_config: Any, options: QuantSpecOptions) -> QuantSpecOptions:
-    """Refuse target models QuantSpec cannot draft for; resolve v_group_size against head_dim."""
+def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_size: int = 1) -> QuantSpecOptions:
+    """Refuse target models QuantSpec cannot draft for; resolve v_group_size against head_dim and
+    draft_weight_group_size against the linear layers' input sizes."""
     if model_config.quantization is not None:
         raise QuantSpecConfigError(
             f"the target model is quantized ({model_config.quantization}); method 'quantspec' needs "
@@ -218,4 +226,20 @@ def check_target(model_config: Any, options: QuantSpecOptions) -> QuantSpecOptio
     v_group = options.v_group_size or head_dim
     if head_dim % v_group:
         raise _fail("v_group_size", f"expected a multiple of 16 that divides head_dim={head_dim}", v_group)
-    return dataclasses.replace(options, v_group_size=v_group)
+    text = model_config.hf_text_config
+    # Input sizes of qkv/gate_up (hidden), o_proj (heads x head_dim, split by TP), down (split by TP).
+    inputs = {text.hidden_size, text.num_attention_heads * head_dim // tensor_parallel_size,
+              text.intermediate_size // tensor_parallel_size}
+    fits = [g for g in WEIGHT_GROUP_SIZES if all(k % g == 0 for k in inputs)]
+    group = options.draft_weight_group_size
+    if group is None:
+        if not fits:
+            raise QuantSpecConfigError(
+                f"no int4 weight group size in {list(WEIGHT_GROUP_SIZES)} divides the draft's linear input "
+                f"sizes {sorted(inputs)}; method 'quantspec' cannot quantize this model"
+            )
+        group = max(fits)
+    elif group not in fits:
+        raise _fail("draft_weight_group_size", f"expected one of {fits} (it must divide the linear input "
+                    f"sizes {sorted(inputs)})", group)
+    return dataclasses.replace(options, v_group_size=v_group, draft_weight_group_size=group)

@@ -67,9 +67,10 @@ def apply(patch: Patch) -> None:
         return
     wrapped = patch.wrap(original)
     # a classmethod is looked up through its function, so the marker goes there
-    function = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
-    functools.update_wrapper(function, original)
-    function.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
+    marked = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
+    if not isinstance(marked, type):  # a replacement class keeps its own name
+        functools.update_wrapper(marked, original)
+    marked.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
     setattr(owner, patch.attribute, wrapped)
 
 
@@ -124,7 +125,7 @@ def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..
         if spec is None:
             return original(self, target_model_config, target_parallel_config)
         options, vllm_kwargs = parse_speculative_config(spec)
-        options = check_target(target_model_config, options)
+        options = check_target(target_model_config, options, target_parallel_config.tensor_parallel_size)
         # vLLM validates `method` against a closed Literal. "custom_class" is the one model-less
         # method whose post-init makes the draft config the target's own, which is exactly a
         # self-draft; the real method name is restored on the built config below.
@@ -175,6 +176,42 @@ def _wrap_cpu_get_attn_backend_cls(original: Callable[..., Any]) -> Callable[...
     return classmethod(get_attn_backend_cls)
 
 
+def _wrap_unquantized_linear_process(original: Callable[..., Any]) -> Callable[..., Any]:
+    def process_weights_after_loading(self: Any, layer: Any) -> Any:
+        from vllm.config import get_current_vllm_config
+
+        options = getattr(get_current_vllm_config().speculative_config, "quantspec", None)
+        if options is not None:
+            from vllm_quantspec.proposer import stash_draft_weight
+
+            stash_draft_weight(layer, options)
+        return original(self, layer)
+
+    return process_weights_after_loading
+
+
+# --- P3 / P4: the proposer ---------------------------------------------------------------------
+
+
+def _wrap_uses_draft_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def uses_draft_model(self: Any) -> bool:
+        return self.method == METHOD or original(self)
+
+    return uses_draft_model
+
+
+def _replace_draft_model_proposer(original: type) -> type:
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+    from vllm_quantspec.proposer import QuantSpecDispatch
+
+    if original is not DraftModelProposer:
+        raise PatchTargetMissing(
+            "vllm-quantspec patch P4: gpu_model_runner.DraftModelProposer is not vLLM's DraftModelProposer"
+        )
+    return QuantSpecDispatch
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="P1 create_speculative_config",
@@ -191,6 +228,31 @@ PATCHES: tuple[Patch, ...] = (
         wrap=_wrap_create_engine_config,
         why="refuse engine settings quantspec does not support and set block size / prefix caching "
         "before vLLM builds its cache config",
+    ),
+    Patch(
+        name="P3 SpeculativeConfig.uses_draft_model",
+        owner="vllm.config.speculative:SpeculativeConfig",
+        attribute="uses_draft_model",
+        wrap=_wrap_uses_draft_model,
+        why="send quantspec down vLLM's draft-model paths: scheduler lookahead slots, GPU-side "
+        "draft tokens, draft attention groups and CUDA graphs",
+    ),
+    Patch(
+        name="P4 gpu_model_runner.DraftModelProposer",
+        owner="vllm.v1.worker.gpu_model_runner",
+        attribute="DraftModelProposer",
+        wrap=_replace_draft_model_proposer,
+        why="the runner builds its drafter from this module global; the replacement builds the "
+        "QuantSpec proposer for method quantspec (and vLLM's own otherwise), and still passes the "
+        "runner's isinstance checks, which read the same global",
+    ),
+    Patch(
+        name="P8 UnquantizedLinearMethod.process_weights_after_loading",
+        owner="vllm.model_executor.layers.linear:UnquantizedLinearMethod",
+        attribute="process_weights_after_loading",
+        wrap=_wrap_unquantized_linear_process,
+        why="derive the draft's int4 weights from each loaded target linear before vLLM repacks it "
+        "(on CPU the fp weight is dropped for a oneDNN handle)",
     ),
     Patch(
         name="P5 Attention.get_kv_cache_spec",

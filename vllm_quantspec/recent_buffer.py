@@ -5,9 +5,9 @@ that held them would be larger than a bf16 page. The ring is small (a few hundre
 sequence), allocated on first use during vLLM's profiling forward, so vLLM counts it before it
 sizes the KV pool.
 
-Which tokens are in pages and which in the ring is a pure function of the verified length (see
-``HierarchicalKVConfig.quantized_len``), so the buffer keeps no per-sequence lengths: the only
-per-request state is which ring slot a request owns, tied to vLLM's request lifecycle (P6).
+Which keys a query reads from pages is a pure function of its position (``quantized_len``), so
+the buffer keeps no per-sequence lengths: the only per-request state is which ring slot a request
+owns, tied to vLLM's request lifecycle (P6).
 """
 
 from __future__ import annotations
@@ -32,32 +32,33 @@ class HierarchicalKVConfig:
     num_slots: int  # concurrent sequences (max_num_seqs)
 
     @property
+    def fp_keep(self) -> int:
+        """A query at position t reads positions < quantized_len(t) from pages and the rest in full
+        precision. At least fp_min tokens before t stay in full precision, and at least γ: a verify
+        step's queries C..C+γ must then find every quantized key among verified positions (< C)."""
+        return max(self.fp_min, self.gamma)
+
+    def quantized_len(self, position: int) -> int:
+        """Q(t) of ``reference_attention.quantized_len``, for one position."""
+        return max(0, (position - self.fp_keep) // self.group_size * self.group_size)
+
+    @property
     def capacity(self) -> int:
-        """Ring rows per sequence.
+        """Ring rows per sequence. A target step with context C flushes from rows
+        >= quantized_len(C - γ - 1) while the ring already holds the draft's rows up to C + γ - 1 and
+        then takes its own up to C + γ: that is G + fp_keep + 2γ + 1 positions."""
+        return self.group_size + self.fp_keep + 2 * self.gamma + 1
 
-        Holds the verified window [quantized_len(C), C) of at most fp_min + G tokens, the γ+1 tokens
-        of a verify step and γ-1 more, so that a block flushed again on a later step (the flush is
-        stateless, see ``flush_range``) still finds its rows intact: every position from
-        quantized_len(C - γ) up to C + γ must fit, which is fp_min + G + 2γ rows.
+    def flush_range(self, context_len: int, seq_len: int) -> tuple[int, int]:
+        """Positions [lo, hi) to quantize into pages in a target step over positions
+        context_len..seq_len-1: its last query reads pages up to hi = quantized_len(seq_len - 1),
+        all verified (hi <= context_len for a verify step, by fp_keep >= γ).
+
+        The previous step flushed up to quantized_len of its own last position, which is at least
+        context_len - γ - 1 (at most γ drafts were accepted since), so lo covers every block not yet
+        flushed; a block flushed again is quantized from the same rows and gets the same bytes.
         """
-        return self.fp_min + self.group_size + 2 * self.gamma
-
-    def quantized_len(self, verified: int) -> int:
-        """Tokens that live in pages once `verified` tokens are verified: whole groups, keeping at
-        least fp_min verified tokens in full precision."""
-        return max(0, (verified // self.group_size) * self.group_size - self.fp_min)
-
-    def flush_range(self, context_len: int, verified_after: int) -> tuple[int, int]:
-        """Positions [lo, hi) to quantize into pages in a step whose context (tokens already in the
-        cache, all verified) is `context_len` and after whose writes `verified_after` are verified.
-
-        The previous step flushed up to quantized_len(v_prev) with v_prev >= context_len - γ (at most
-        γ drafts were accepted since), so flushing from quantized_len(context_len - γ) covers every
-        block that became complete; a block already flushed may be quantized again from the same
-        rows, which writes the same bytes.
-        """
-        lo = self.quantized_len(max(0, context_len - self.gamma))
-        return lo, self.quantized_len(verified_after)
+        return self.quantized_len(context_len - self.gamma - 1), self.quantized_len(seq_len - 1)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "HierarchicalKVConfig":
