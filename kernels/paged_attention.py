@@ -1,8 +1,8 @@
 """Paged decode / verify / chunked-prefill attention over the hierarchical INT4/INT8 KV cache.
 
-Same contract as ``vllm_quantspec.reference_attention.attention`` (design brief, attention contract):
-per sequence b, keys [0, Q) come from the pages (int4: U plane + metadata; int8: U + L), [Q, C)
-from the full-precision ring, [C, seq_len) are the new tokens (causal).
+Same contract and arguments as ``vllm_quantspec.reference_attention.attention``: a query at
+position t reads keys p < Q(t) = ((t - fp_keep)+ // G) * G from the pages (int4: U plane + metadata;
+int8: U + L), and Q(t) <= p <= t in full precision (the ring for p < C, the new tokens after).
 
 Work split. One program = (query block, kv head, sequence, split). The query block puts
 (query tokens x the GRP query heads of the kv head) on the M dimension of every tl.dot, so each page
@@ -10,18 +10,20 @@ is read once per kv head for all its query heads and tokens (GQA-native). The ke
 sequence is cut into units (a BLOCK_N-token tile of a page, then BLOCK_F-token tiles of the
 full-precision tail); split s takes a contiguous run of units and writes a partial (normalized
 output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one split the program
-writes the output directly.
+writes the output directly. Chunked prefill is the same kernel with several query blocks.
 
 Dequantization folded into the math (no dequantized K or V tile ever exists):
   keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
   values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
-(int4: c = hi, sc = s, off = min; int8: c = 16*hi + lo, sc = s/16, off = min - 7.5*s/16, computed as
-two dots, hi with weight 16). Codes become bf16 operands without an int->float conversion: the
-bit pattern 0x4300 | c is the bf16 number 128 + c, so the dot runs on 128 + c and the fp32 row sum
-128 * sum(bf16 weights) is subtracted after. Dot operands are bf16 (fp32 range: q*sc and p*sc never
-underflow), accumulation fp32.
+with int4: c = U, sc = s, off = min; int8: c = 16*U + L (integer ops), sc = s/16, off = min - 7.5*s/16.
+Dot operands are fp16: codes as the bit pattern 0x6400 | c, which is the fp16 number 1024 + c
+(exact, no int->float conversion; 1024 * sum(weights) is subtracted in fp32 after the dot), and
+weights q*sc / p*sc scaled per row by a power of two into [2**14, 2**15) so that they keep fp16's 11
+bits whatever their magnitude (bf16 would keep 8: 4x the error of an INT8 cache's own step).
+Accumulation fp32. Channels are handled as two streams, even and odd (the two nibbles of a byte).
 """
 
+import functools
 import os
 
 import torch
@@ -87,23 +89,97 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, b, h, qk_scale,
+               bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t, ksc_ptr, kmn_ptr, km_blk, km_h,
+               vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,
+               D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One BLOCK_N-token tile of a page (unit u of the sequence) folded into the online softmax.
+    MASKED: rows read only keys below their own Q(t) (tiles where Q(t) steps inside the block)."""
+    sub: tl.constexpr = G // BLOCK_N
+    i = tl.arange(0, D // 2)
+    n = tl.arange(0, BLOCK_N)
+    tile_off = n[:, None] * pl_t + i[None, :]  # int32: 64-bit offsets would double the registers
+    blk = tl.load(bt_ptr + b * s_bt + u // sub).to(tl.int64)
+    rows = (u % sub) * BLOCK_N + n
+    pl = blk * pl_blk + h * pl_h + (u % sub) * (BLOCK_N * pl_t)  # scalar; + tile_off per element
+    # Keys: fold the per-channel scale into q, the per-channel offset into one row term.
+    km = blk * km_blk + h * km_h + 2 * i
+    sc_e = tl.load(ksc_ptr + km).to(tl.float32) * qk_scale  # log2-domain scores
+    sc_o = tl.load(ksc_ptr + km + 1).to(tl.float32) * qk_scale
+    off_e = tl.load(kmn_ptr + km).to(tl.float32) * qk_scale
+    off_o = tl.load(kmn_ptr + km + 1).to(tl.float32) * qk_scale
+    if INT8:
+        off_e -= sc_e * (7.5 / 16)
+        off_o -= sc_o * (7.5 / 16)
+        sc_e *= 0.0625
+        sc_o *= 0.0625
+    qf_e = q_e.to(tl.float32)
+    qf_o = q_o.to(tl.float32)
+    wf_e = qf_e * sc_e[None, :]
+    wf_o = qf_o * sc_o[None, :]
+    scale, unscale = _pow2_norm(tl.maximum(tl.max(tl.abs(wf_e), axis=1), tl.max(tl.abs(wf_o), axis=1)))
+    w_e = (wf_e * scale[:, None]).to(tl.float16)
+    w_o = (wf_o * scale[:, None]).to(tl.float16)
+    c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8)
+    s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
+    w_sum = tl.sum(w_e.to(tl.float32) + w_o.to(tl.float32), axis=1)
+    row_term = tl.sum(qf_e * off_e[None, :] + qf_o * off_o[None, :], axis=1)
+    s = (s - 1024.0 * w_sum[:, None]) * unscale[:, None] + row_term[:, None]
+    if MASKED:
+        s = tl.where(((u // sub) * G + rows)[None, :] < q_row[:, None], s, float("-inf"))
+
+    p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+    acc_e *= alpha[:, None]
+    acc_o *= alpha[:, None]
+
+    # Values: fold the per-token scale into p, the per-token offset into one row term.
+    vm = blk * vm_blk + h * vm_h + rows * vm_t
+    c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8)
+    if VG == D:
+        vsc = tl.load(vsc_ptr + vm).to(tl.float32)
+        voff = tl.load(vmn_ptr + vm).to(tl.float32)
+        if INT8:
+            voff -= vsc * (7.5 / 16)
+            vsc *= 0.0625
+        pwf = p * vsc[None, :]
+        scale, unscale = _pow2_norm(tl.max(pwf, axis=1))
+        pw = (pwf * scale[:, None]).to(tl.float16)
+        corr = tl.sum(p * voff[None, :], axis=1) - 1024.0 * unscale * tl.sum(pw.to(tl.float32), axis=1)
+        acc_e += tl.dot(pw, c_e) * unscale[:, None] + corr[:, None]
+        acc_o += tl.dot(pw, c_o) * unscale[:, None] + corr[:, None]
+    else:
+        # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
+        # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
+        vg = vm[:, None] + (2 * i[None, :]) // VG
+        vsc = tl.load(vsc_ptr + vg).to(tl.float32)
+        voff = tl.load(vmn_ptr + vg).to(tl.float32)
+        if INT8:
+            voff -= vsc * (7.5 / 16)
+            vsc *= 0.0625
+        acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
+        acc_o += tl.dot(p, voff + vsc * (c_o.to(tl.float32) - 1024.0))
+    return m_i, l_i, acc_e, acc_o
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, sq_t, sq_h,                          # q [T, Hq, D]
     kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h,  # k_new / v_new [T, H, D]
     kr_ptr, vr_ptr, sr_s, sr_r, sr_h,           # k_ring / v_ring [S, R, H, D] (same strides)
-    qsl_ptr, seq_lens_ptr, nq_ptr, bt_ptr, s_bt, slot_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr, s_bt, slot_ptr, fp_keep,
     khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,   # planes [nb, H, G, D/2]
     ksc_ptr, kmn_ptr, km_blk, km_h,                          # k_scale / k_min [nb, H, D]
     vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,                    # v_scale / v_min [nb, H, G, D/VG]
     out_ptr, so_t, so_h,                        # out [T, Hq, D]
-    po_ptr, plse_ptr,                           # partials [T, Hq, NUM_SPLITS, D] fp32, [T, Hq, NUM_SPLITS]
-    qk_scale, R,
+    po_ptr, plse_ptr,                           # partials [T, Hq, num_splits, D] fp32, [T, Hq, num_splits]
+    qk_scale, R, num_splits,
     HQ: tl.constexpr, GRP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
+    FP_W: tl.constexpr, DIRECT: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    split = tl.program_id(0) % NUM_SPLITS
-    qb = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % num_splits
+    qb = tl.program_id(0) // num_splits
     h = tl.program_id(1)
     b = tl.program_id(2)
     q0 = tl.load(qsl_ptr + b)
@@ -111,7 +187,6 @@ def _paged_attention_kernel(
     if qb * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + b)
-    n_quant = tl.load(nq_ptr + b)
     ctx = seq_len - q_len
 
     # Rows: m = token-in-block * GRP + head-in-group.
@@ -123,17 +198,23 @@ def _paged_attention_kernel(
     i = tl.arange(0, D // 2)  # channel pair: channels 2i (even stream) and 2i+1 (odd stream)
     q = tl.load(q_ptr + tok[:, None] * sq_t + hq[:, None] * sq_h + tl.arange(0, D)[None, :],
                 mask=row_ok[:, None], other=0.0)
-    q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, D // 2, 2]))
-    qs_e = q_e.to(tl.float32) * qk_scale  # log2-domain scores
-    qs_o = q_o.to(tl.float32) * qk_scale
+    q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, D // 2, 2]))  # kept in the model dtype: fewer registers
 
-    # This split's run of units: page tiles first, then full-precision tiles up to the last key
-    # any row of this query block can see (causal).
+    # Query t reads keys p < Q(t) = ((t - fp_keep)+ // G) * G from pages, Q(t) <= p <= t in full
+    # precision. Over this query block: pages [0, q_hi), full precision [q_lo, kv_end); in the
+    # overlap [q_lo, q_hi) (only where Q(t) steps inside the block) each row masks by its own Q(t).
+    t_row = ctx + qi
+    q_row = tl.maximum(t_row - fp_keep, 0) // G * G
+    t_last = ctx + tl.minimum(q_len, (qb + 1) * BLOCK_Q) - 1
+    q_lo = tl.maximum(ctx + qb * BLOCK_Q - fp_keep, 0) // G * G
+    q_hi = tl.maximum(t_last - fp_keep, 0) // G * G
+
+    # This split's run of units: page tiles first, then full-precision tiles. A full-precision tile
+    # counts FP_W units (its bytes relative to a page tile's), so splits read about the same bytes.
     sub: tl.constexpr = G // BLOCK_N
-    n_page_units = (n_quant // G) * sub
-    kv_end = ctx + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
-    n_units = n_page_units + tl.cdiv(kv_end - n_quant, BLOCK_F)
-    per_split = tl.cdiv(n_units, NUM_SPLITS)
+    n_page_units = (q_hi // G) * sub
+    n_units = n_page_units + FP_W * tl.cdiv(t_last + 1 - q_lo, BLOCK_F)
+    per_split = tl.cdiv(n_units, num_splits)
     u_lo = split * per_split
     u_hi = tl.minimum(n_units, u_lo + per_split)
 
@@ -141,86 +222,41 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
     acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    tile_off = n[:, None] * pl_t + i[None, :]  # int32: 64-bit offsets would double the registers
-
-    for u in range(u_lo, tl.minimum(u_hi, n_page_units)):
-        blk = tl.load(bt_ptr + b * s_bt + u // sub).to(tl.int64)
-        rows = (u % sub) * BLOCK_N + n
-        pl = blk * pl_blk + h * pl_h + (u % sub) * (BLOCK_N * pl_t)  # scalar; + tile_off per element
-        # Keys: fold the per-channel scale into q, the per-channel offset into one row term.
-        km = blk * km_blk + h * km_h + 2 * i
-        sc_e = tl.load(ksc_ptr + km).to(tl.float32)
-        sc_o = tl.load(ksc_ptr + km + 1).to(tl.float32)
-        off_e = tl.load(kmn_ptr + km).to(tl.float32)
-        off_o = tl.load(kmn_ptr + km + 1).to(tl.float32)
-        if INT8:
-            off_e -= sc_e * (7.5 / 16)
-            off_o -= sc_o * (7.5 / 16)
-            sc_e *= 0.0625
-            sc_o *= 0.0625
-        wf_e = qs_e * sc_e[None, :]
-        wf_o = qs_o * sc_o[None, :]
-        scale, unscale = _pow2_norm(tl.maximum(tl.max(tl.abs(wf_e), axis=1), tl.max(tl.abs(wf_o), axis=1)))
-        w_e = (wf_e * scale[:, None]).to(tl.float16)
-        w_o = (wf_o * scale[:, None]).to(tl.float16)
-        c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8)
-        s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
-        w_sum = tl.sum(w_e.to(tl.float32) + w_o.to(tl.float32), axis=1)
-        row_term = tl.sum(qs_e * off_e[None, :] + qs_o * off_o[None, :], axis=1)
-        s = (s - 1024.0 * w_sum[:, None]) * unscale[:, None] + row_term[:, None]
-
-        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
-        acc_e *= alpha[:, None]
-        acc_o *= alpha[:, None]
-
-        # Values: fold the per-token scale into p, the per-token offset into one row term.
-        vm = blk * vm_blk + h * vm_h + rows * vm_t
-        c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8)
-        if VG == D:
-            vsc = tl.load(vsc_ptr + vm).to(tl.float32)
-            voff = tl.load(vmn_ptr + vm).to(tl.float32)
-            if INT8:
-                voff -= vsc * (7.5 / 16)
-                vsc *= 0.0625
-            pwf = p * vsc[None, :]
-            scale, unscale = _pow2_norm(tl.max(pwf, axis=1))
-            pw = (pwf * scale[:, None]).to(tl.float16)
-            corr = tl.sum(p * voff[None, :], axis=1) - 1024.0 * unscale * tl.sum(pw.to(tl.float32), axis=1)
-            acc_e += tl.dot(pw, c_e) * unscale[:, None] + corr[:, None]
-            acc_o += tl.dot(pw, c_o) * unscale[:, None] + corr[:, None]
-        else:
-            # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
-            # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
-            vg = vm[:, None] + (2 * i[None, :]) // VG
-            vsc = tl.load(vsc_ptr + vg).to(tl.float32)
-            voff = tl.load(vmn_ptr + vg).to(tl.float32)
-            if INT8:
-                voff -= vsc * (7.5 / 16)
-                vsc *= 0.0625
-            acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
-            acc_o += tl.dot(p, voff + vsc * (c_o.to(tl.float32) - 1024.0))
+    # Page tiles below q_lo are read whole by every row; the rest (at most one page for decode and
+    # verify) masks each row at its own Q(t).
+    args_tail = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
+                 ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t)
+    n_whole = (q_lo // G) * sub
+    for u in range(u_lo, tl.minimum(u_hi, n_whole)):
+        m_i, l_i, acc_e, acc_o = _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, *args_tail,
+                                            D, G, VG, BLOCK_N, INT8, False)
+    for u in range(tl.maximum(u_lo, n_whole), tl.minimum(u_hi, n_page_units)):
+        m_i, l_i, acc_e, acc_o = _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, *args_tail,
+                                            D, G, VG, BLOCK_N, INT8, True)
 
     # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
     slot = tl.load(slot_ptr + b).to(tl.int64)
     f = tl.arange(0, BLOCK_F)
     d = tl.arange(0, D)
-    q_e = _fp_operand(q_e, EMULATE)
-    q_o = _fp_operand(q_o, EMULATE)
-    for u in range(tl.maximum(u_lo, n_page_units), u_hi):
-        pos = n_quant + (u - n_page_units) * BLOCK_F + f
+    # q again (an L2 hit) rather than a model-dtype copy kept live in registers across the page loop
+    q_e, q_o = _pairs(tl.load(q_ptr + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :],
+                              mask=row_ok[:, None], other=0.0), EMULATE)
+    f_lo = tl.cdiv(tl.maximum(u_lo - n_page_units, 0), FP_W)  # the split holding a tile's first unit
+    f_hi = tl.cdiv(tl.maximum(u_hi - n_page_units, 0), FP_W)
+    for ft in range(f_lo, f_hi):
+        pos = q_lo + ft * BLOCK_F + f
         in_ring = (pos < ctx)[:, None]
-        is_new = ((pos >= ctx) & (pos < seq_len))[:, None]
+        live = (pos < seq_len)[:, None]
         ring = (slot * sr_s + (pos % R).to(tl.int64) * sr_r + h * sr_h)[:, None] + d[None, :]
         new_tok = (q0 + pos - ctx).to(tl.int64)[:, None]
-        kn = new_tok * skn_t + h * skn_h + d[None, :]
-        vn = new_tok * svn_t + h * svn_h + d[None, :]
-        k_e, k_o = _pairs(tl.load(kr_ptr + ring, mask=in_ring, other=0.0) +
-                          tl.load(kn_ptr + kn, mask=is_new, other=0.0), EMULATE)
+        k_e, k_o = _pairs(tl.load(tl.where(in_ring, kr_ptr + ring, kn_ptr + new_tok * skn_t + h * skn_h + d[None, :]),
+                                  mask=live, other=0.0), EMULATE)
         s = tl.dot(q_e, tl.trans(k_e)) + tl.dot(q_o, tl.trans(k_o))
-        s = tl.where(pos[None, :] <= (ctx + qi)[:, None], s * qk_scale, float("-inf"))
+        visible = (pos[None, :] >= q_row[:, None]) & (pos[None, :] <= t_row[:, None])
+        s = tl.where(visible, s * qk_scale, float("-inf"))
         p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
-        v = tl.load(vr_ptr + ring, mask=in_ring, other=0.0) + tl.load(vn_ptr + vn, mask=is_new, other=0.0)
+        v = tl.load(tl.where(in_ring, vr_ptr + ring, vn_ptr + new_tok * svn_t + h * svn_h + d[None, :]),
+                    mask=live, other=0.0)
         v_e, v_o = _pairs(v, EMULATE)
         pb = _fp_operand(p.to(v.dtype), EMULATE)
         acc_e = acc_e * alpha[:, None] + tl.dot(pb, v_e)
@@ -232,28 +268,29 @@ def _paged_attention_kernel(
     acc_o = acc_o / l_safe[:, None]
     res = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, D])  # channels back in order: 2i, 2i+1
     d = tl.arange(0, D)
-    if NUM_SPLITS == 1:
+    if DIRECT:  # a single split: no partials, no merge
         o = out_ptr + tok[:, None] * so_t + hq[:, None] * so_h + d[None, :]
         tl.store(o, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        part = (tok * HQ + hq) * NUM_SPLITS + split
+        part = (tok * HQ + hq) * num_splits + split
         tl.store(po_ptr + part[:, None] * D + d[None, :], res, mask=row_ok[:, None])
         lse = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(plse_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_kernel(po_ptr, plse_ptr, out_ptr, so_t, so_h,
-                  HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _merge_kernel(po_ptr, plse_ptr, out_ptr, so_t, so_h, num_splits,
+                  HQ: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr):
     """Exact log-sum-exp merge of the splits of one (token, query head)."""
     t = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
-    sp = tl.arange(0, NUM_SPLITS)
+    sp = tl.arange(0, SPLITS_P2)
+    live = sp < num_splits
     d = tl.arange(0, D)
-    base = (t * HQ + hq) * NUM_SPLITS
-    lse = tl.load(plse_ptr + base + sp)
+    base = (t * HQ + hq) * num_splits
+    lse = tl.load(plse_ptr + base + sp, mask=live, other=float("-inf"))
     w = tl.math.exp2(lse - tl.max(lse, axis=0))  # empty splits: exp2(-inf) = 0
-    o = tl.load(po_ptr + (base + sp)[:, None] * D + d[None, :])
+    o = tl.load(po_ptr + (base + sp)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + t * so_t + hq * so_h + d, res.to(out_ptr.dtype.element_ty))
 
@@ -262,18 +299,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pick_num_splits(num_programs: int, max_units: int) -> int:
-    """Enough programs to fill the GPU (~4 per SM) but at least 4 units of work per split."""
-    sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
-    want = max(1, (4 * sms) // max(1, num_programs))
-    cap = max(1, max_units // 4)
-    return min(triton.next_power_of_2(min(want, cap)), 128)
+@functools.cache
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
 
 
-def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, num_quantized, block_table, pages, layout,
-                    k_ring, v_ring, ring_slot, mode, sm_scale, *, max_query_len: int | None = None,
+def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 4, min_units: int = 4) -> int:
+    """Enough programs to fill the GPU (`programs_per_sm` per SM), at least `min_units` units each."""
+    want = max(1, programs_per_sm * _num_sms() // max(1, num_programs))
+    return max(1, min(want, max_units // min_units, 256))
+
+
+def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
+                    k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
-                    block_m: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                    block_m: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
     """Triton twin of the reference attention (same arguments and result). `max_query_len` /
     `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
     device sync; `num_splits` overrides the split-K heuristic."""
@@ -299,11 +339,10 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, num_quantized, b
     block_q = max(1, min(max_query_len, block_m // grp))
     block_m = max(16, triton.next_power_of_2(block_q * grp))
     n_qblocks = triton.cdiv(max_query_len, block_q)
-    block_n = min(G, 64)
-    block_f = 32 if block_m > 64 else 64
+    block_n = min(G, block_n)
+    block_f = 32
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
-    assert num_splits == triton.next_power_of_2(num_splits)
     if num_splits > 1:
         po = torch.empty(T, HQ, num_splits, D, dtype=torch.float32, device=q.device)
         plse = torch.empty(T, HQ, num_splits, dtype=torch.float32, device=q.device)
@@ -314,15 +353,17 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, num_quantized, b
         q, q.stride(0), q.stride(1),
         k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0), v_new.stride(1),
         k_ring, v_ring, k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
-        query_start_loc, seq_lens, num_quantized, block_table, block_table.stride(0), ring_slot,
+        query_start_loc, seq_lens, block_table, block_table.stride(0), ring_slot, fp_keep,
         pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3],
         pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
         pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
         out, out.stride(0), out.stride(1), po, plse,
-        sm_scale * LOG2E, k_ring.shape[1],
+        sm_scale * LOG2E, k_ring.shape[1], num_splits,
         HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_F=block_f, NUM_SPLITS=num_splits, INT8=mode == "int8", EMULATE=_interpreting(),
+        BLOCK_F=block_f, FP_W=max(1, block_f * (4 if mode == "int4" else 2) // block_n),
+        DIRECT=num_splits == 1, INT8=mode == "int8", EMULATE=_interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), HQ=HQ, D=D, NUM_SPLITS=num_splits)
+        _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), num_splits, HQ=HQ, D=D,
+                               SPLITS_P2=triton.next_power_of_2(num_splits))
     return out
