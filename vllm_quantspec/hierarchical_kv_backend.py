@@ -32,8 +32,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-from vllm_quantspec import reference_attention
-from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout, write_groups
+from vllm_quantspec import hierarchical_kv, reference_attention
+from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
 from vllm_quantspec.options import KV_GROUP_SIZES
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig, recent_buffer
 
@@ -122,10 +122,22 @@ class HierarchicalKVBackend(AttentionBackend):
         return False
 
 
+def _ops(device: torch.device):
+    """(attention, write_groups): the Triton kernels on a GPU, their pure-torch reference elsewhere."""
+    if device.type == "cuda":
+        from vllm_quantspec.kernels.hierarchical_kv_write import write_groups
+        from vllm_quantspec.kernels.paged_attention import paged_attention
+
+        return paged_attention, write_groups
+    return reference_attention.attention, hierarchical_kv.write_groups
+
+
 @dataclass
 class HierarchicalKVMetadata:
     num_reqs: int
     num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
     query_start_loc: torch.Tensor  # [B+1] i32
     seq_lens: torch.Tensor  # [B] i32
     block_table: torch.Tensor  # [B, max_blocks] i32
@@ -204,6 +216,8 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         return HierarchicalKVMetadata(
             num_reqs=n,
             num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=int(q_lens.max()) if n else 0,
+            max_seq_len=int(seq_lens.max()) if n else 0,
             query_start_loc=cm.query_start_loc[: n + 1],
             seq_lens=cm.seq_lens[:n],
             block_table=block_table,
@@ -236,6 +250,7 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.buffer = recent_buffer(get_current_vllm_config())
         self.layout: HierarchicalPageLayout | None = None
+        self.ops = None
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: HierarchicalKVMetadata, output: torch.Tensor,
@@ -251,21 +266,25 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             v_group = self.buffer.config.v_group
             self.layout = HierarchicalPageLayout(self.buffer.config.group_size, self.num_kv_heads, self.head_size,
                                                  v_group)
+            self.ops = _ops(query.device)
+        attention, write_groups = self.ops
         md, t = attn_metadata, attn_metadata.num_actual_tokens
         q, k, v = query[:t], key[:t], value[:t]
         flat_k, flat_v = k_ring.view(-1, *k_ring.shape[2:]), v_ring.view(-1, *v_ring.shape[2:])
         if not is_draft and md.flush_blocks.numel():
-            self._flush(md, kv_cache, flat_k, flat_v, k, v)
-        out = reference_attention.attention(
-            q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
-            k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        output[:t].copy_(out)
+            self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
+        args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
+                k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
+        if attention is reference_attention.attention:
+            output[:t].copy_(attention(*args))
+        else:
+            attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t])
         flat_k.index_copy_(0, md.ring_write_dst, k.index_select(0, md.ring_write_src))
         flat_v.index_copy_(0, md.ring_write_dst, v.index_select(0, md.ring_write_src))
         return output
 
     def _flush(self, md: HierarchicalKVMetadata, pages: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor) -> None:
+               k: torch.Tensor, v: torch.Tensor, write_groups) -> None:
         """Quantize the step's complete verified groups into their pages (write/flush contract)."""
         g = self.layout.block_size
         n = md.flush_blocks.numel()
