@@ -78,11 +78,11 @@ def test_accepted_from_vllm_serve_cli(llama):
     parser = make_arg_parser(FlexibleArgumentParser())
     ns = parser.parse_args(["--model", llama, "--skip-tokenizer-init", "--dtype", "float32",
                             "--max-model-len", "1024", "--speculative-config",
-                            '{"method": "quantspec", "num_speculative_tokens": 6, "quantize_lm_head": true}'])
+                            '{"method": "quantspec", "num_speculative_tokens": 6, "fp_buffer": "single"}'])
     cfg = AsyncEngineArgs.from_cli_args(ns).create_engine_config()
     assert cfg.speculative_config.method == "quantspec"
     assert cfg.speculative_config.num_speculative_tokens == 6
-    assert cfg.speculative_config.quantspec.quantize_lm_head is True
+    assert cfg.speculative_config.quantspec.fp_buffer == "single"
 
 
 def test_synthetic_acceptance_passes_through(llama):
@@ -113,6 +113,7 @@ BAD_SPECS = [
     ({"draft_quantized_linears": ["qkv_proj", "lm_head"]}, "'draft_quantized_linears'"),
     ({"draft_quantized_linears": []}, "'draft_quantized_linears'"),
     ({"quantize_lm_head": "yes"}, "'quantize_lm_head'"),
+    ({"quantize_lm_head": True}, "not supported yet"),
 ]
 
 
@@ -174,14 +175,18 @@ def test_missing_patch_target_fails_loudly():
 
 
 def test_register_is_idempotent():
-    before = {p.name: getattr(EngineArgs, p.attribute) for p in PATCHES}
+    from vllm_quantspec.patches import _resolve_owner
+
+    before = {p.name: _resolve_owner(p).__dict__[p.attribute] for p in PATCHES}
     vllm_quantspec.register()
     vllm_quantspec.register()
     for p in PATCHES:
-        assert is_applied(p)
-        fn = getattr(EngineArgs, p.attribute)
-        assert fn is before[p.name]
-        assert not hasattr(fn.__wrapped__, "__quantspec_patch__")  # wrapped exactly once
+        assert is_applied(p), p.name
+        attr = _resolve_owner(p).__dict__[p.attribute]
+        assert attr is before[p.name], p.name
+        fn = attr.__func__ if isinstance(attr, classmethod) else attr
+        if not isinstance(fn, type):
+            assert not hasattr(fn.__wrapped__, "__quantspec_patch__"), p.name  # wrapped exactly once
 
 
 def test_vllm_serve_refuses_bad_config_with_one_line(llama, tmp_path):
