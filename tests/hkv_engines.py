@@ -1,0 +1,154 @@
+"""Support for the hierarchical KV backend's end-to-end tests: real prompts, agreement metrics and
+in-process vLLM engines, one alive at a time.
+
+The engines run in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that tests can reach the
+backend's recent-token buffer, and with one torch thread: on 2 shared cores, in-process vLLM with the
+default thread count is ~40x slower (research/cpu-vllm.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+G = 16  # key group = KV page = vLLM block size: small, so short generations cross many flushes
+MAX_NUM_SEQS = 8
+MAX_MODEL_LEN = 1024
+
+# (object whose docstring or source is the prompt, "doc" | "source", prompt tokens). All come from
+# packages pinned by the CI lock (vllm, torch) or the standard library, so the prompts are fixed and
+# varied: prose, reStructuredText, Python code. Lengths: 4 below G, 4 of G..2G+1 (prefills that
+# flush no group or one), 4 medium, 4 long (hundreds of tokens, many groups quantized at prefill).
+PROMPT_SPECS: tuple[tuple[str, str, int], ...] = (
+    ("functools:lru_cache", "doc", 6),
+    ("json:dumps", "source", 11),
+    ("vllm:SamplingParams", "doc", 9),
+    ("textwrap:dedent", "doc", 15),
+    ("argparse:ArgumentParser", "doc", 16),
+    ("torch.nn:Linear", "source", 24),
+    ("vllm:LLM.generate", "doc", 32),
+    ("functools:lru_cache", "source", 33),
+    ("json:dumps", "doc", 70),
+    ("textwrap:dedent", "source", 100),
+    ("vllm:SamplingParams", "source", 150),
+    ("argparse:ArgumentParser", "doc", 200),
+    ("torch.nn:Linear", "doc", 300),
+    ("vllm:LLM.generate", "source", 400),
+    ("torch.nn:MultiheadAttention", "doc", 480),
+    ("vllm:LLM", "doc", 500),
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    label: str
+    token_ids: list[int]
+
+    def as_input(self) -> dict[str, list[int]]:
+        return {"prompt_token_ids": self.token_ids}
+
+
+def _text(target: str, kind: str) -> str:
+    module, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return inspect.getdoc(obj) if kind == "doc" else inspect.getsource(obj)
+
+
+@functools.cache
+def source_prompts(model: str) -> tuple[Prompt, ...]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = []
+    for target, kind, n in PROMPT_SPECS:
+        ids = tok.encode(_text(target, kind), add_special_tokens=False)
+        assert len(ids) >= n, (target, kind, len(ids), n)
+        prompts.append(Prompt(f"{target} {kind}", ids[:n]))
+    return tuple(prompts)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (the common length if one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def engine_kwargs(model: str, kind: str) -> dict[str, Any]:
+    common = dict(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
+                  max_num_seqs=MAX_NUM_SEQS, block_size=G, enable_prefix_caching=False)
+    if kind == "default":  # vLLM's own CPU backend (CPU_ATTN), full-precision KV
+        return common
+    common["attention_backend"] = "CUSTOM"
+    if kind == "hierarchical":
+        return common
+    if kind == "tiny_pool":
+        # 40 pages of 16 tokens (one max_model_len request fits) for 8 requests that need 75 at
+        # once: vLLM must preempt. Stats on, for the preemption counter. A 40-token step budget also
+        # chunks every prefill (and every recompute after preemption) at boundaries that do not
+        # follow the groups, with chunks longer than the ring: the other engines never chunk.
+        return {**common, "max_model_len": 512, "num_gpu_blocks_override": 40, "max_num_batched_tokens": 40,
+                "disable_log_stats": False}
+    raise ValueError(kind)
+
+
+class Engines:
+    """At most one in-process LLM at a time (each holds ~2 GB and its own KV pool); asking for
+    another kind shuts the current one down first."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.kind: str | None = None
+        self.llm = None
+
+    def get(self, kind: str):
+        if kind != self.kind:
+            self.close()
+            from vllm import LLM
+
+            self.llm, self.kind = LLM(**engine_kwargs(self.model, kind)), kind
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm, self.kind = None, None
+        gc.collect()
+        cleanup_dist_env_and_memory()  # in-process engines leave vLLM's distributed state behind
+
+
+@contextlib.contextmanager
+def in_process_environment():
+    """Environment for in-process engines, restored afterwards (vLLM changes process-wide state)."""
+    import torch
+    from vllm import envs
+
+    saved_threads, saved_setter = torch.get_num_threads(), torch.set_num_threads
+    envs.disable_envs_cache()  # an earlier in-process engine may have frozen vLLM's view of the environment
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads for the whole process, and the
+            # in-process engine core caches vllm.envs: undo both for the tests that run after us.
+            torch.set_num_threads = saved_setter
+            torch.set_num_threads(saved_threads)
+            envs.disable_envs_cache()
