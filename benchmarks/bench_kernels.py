@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import traceback
 
 import torch
 import triton
@@ -157,10 +158,9 @@ def prefill_rows(ctx: int, q_len: int) -> list[dict]:
     del k, v
     case = quantized_case(1, ctx, q_len, q=q)
     for mode in ("int4", "int8"):
-        for block_m in (64, 128):
-            us = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
-                                               max_query_len=q_len, max_seq_len=ctx, block_m=block_m))
-            rows.append(dict(op=f"{mode}_bm{block_m}", us=us, speedup_vs_fa3=fa_us / us))
+        us = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
+                                           max_query_len=q_len, max_seq_len=ctx))
+        rows.append(dict(op=mode, us=us, speedup_vs_fa3=fa_us / us))
     for r in rows:
         r.update(kind="prefill", batch=1, ctx=ctx, q_len=q_len, TFLOPs=flops / r["us"] / 1e6)
     return rows
@@ -265,6 +265,8 @@ def markdown(res: dict) -> str:
                 b, w = lin[(layer, m, "bf16")], lin[(layer, m, op)]
                 md.append(f"| {layer} ({w['k']}→{w['n']}) | {m} | {b['us']:.1f} | {w['us']:.1f} | "
                           f"{w['speedup_vs_bf16']:.2f} | {w['GBps']:.0f} | {w['pct_byte_bound']:.0f} |")
+    for e in res.get("errors", []):
+        md += ["", f"**{e['section']} failed:**", "", "```", e["error"].strip().splitlines()[-1], "```"]
     md += ["", "## Targets", "", "| target | case | measured | met |", "|---|---|---|---|"]
     md += [f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else '**no**'} |"
            for t in res["targets"]]
@@ -319,24 +321,24 @@ def main():
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     res["copy_GBps"] = copy_bandwidth()
     print(json.dumps({k: v for k, v in res.items()}), flush=True)
-    rows = []
+    res["rows"], res["errors"] = [], []
     cases = [(1, 8192), (1, 131072)] if args.quick else \
         [(1, 8192), (1, 32768), (1, 65536), (1, 131072), (8, 8192), (8, 32768), (8, 65536), (8, 131072)]
-    for batch, ctx in cases:
-        for q_len in (1, 5):
-            for r in attention_rows(batch, ctx, q_len, res["copy_GBps"]):
-                rows.append(r)
+    sections = [(f"attention b{b} ctx{c} q{q}", lambda b=b, c=c, q=q: attention_rows(b, c, q, res["copy_GBps"]))
+                for b, c in cases for q in (1, 5)]
+    sections += [(f"prefill q{q}", lambda q=q: prefill_rows(32768, q)) for q in ((512,) if args.quick else (512, 2048))]
+    sections.append(("linears", lambda: linear_rows([1, 4] if args.quick else list(range(1, 9)), res["copy_GBps"])))
+    for name, run in sections:  # a failing section is recorded, the others still run
+        try:
+            for r in run():
+                res["rows"].append(r)
                 print(json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
-    for q_len in ((512,) if args.quick else (512, 2048)):
-        for r in prefill_rows(32768, q_len):
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    for r in linear_rows([1, 4] if args.quick else list(range(1, 9)), res["copy_GBps"]):
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    res["rows"] = rows
-    res["targets"] = target_summary(rows)
+        except Exception:  # noqa: BLE001
+            res["errors"].append(dict(section=name, error=traceback.format_exc()))
+            print(name, "FAILED\n", traceback.format_exc(), flush=True)
+        torch.cuda.empty_cache()
+        json.dump(res, open(os.path.join(args.out_dir, "kernels-h100.json"), "w"), indent=1)
+    res["targets"] = target_summary(res["rows"])
     json.dump(res, open(os.path.join(args.out_dir, "kernels-h100.json"), "w"), indent=1)
     md = markdown(res)
     open(os.path.join(args.out_dir, "kernels-h100.md"), "w").write(md)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP16_MAX = 65504.0
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+FP16_MAX = tl.constexpr(65504.0)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
 
 
 @triton.jit

@@ -33,31 +33,90 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr):
-    """Even- and odd-channel codes of a plane tile as fp16 dot operands 1024 + c (exact).
+# Unpacking: a tile of a plane is loaded as 32-bit words (4 channel-pair bytes of one token, 16-byte
+# loads); inline asm turns two words at a time into fp16 1024 + code (the bit pattern 0x6400 | c,
+# exact, no int->float conversion): prmt puts byte k of both words into the two halves of a register,
+# lop3 masks a nibble and ORs in the exponent of 1024. Outputs $0..$3: even channels (low nibbles) of
+# bytes 0..3, $4..$7: odd channels (high nibbles). int4 (U words $8, $9): one instruction a code.
+_ASM_INT4 = tl.constexpr("""{
+.reg .b32 t;
+""" + "".join(f"""prmt.b32 t, $8, $9, 0x0{4 + k}0{k};
+lop3.b32 ${k}, t, 0x000f000f, 0x64006400, 0xea;
+shr.u32 t, t, 4;
+lop3.b32 ${4 + k}, t, 0x000f000f, 0x64006400, 0xea;
+""" for k in range(4)) + "}")
+# int8 (U words $8, $9; L words $10, $11): code 16*U + L; even: U's low nibble shifted up next to L's
+# low nibble; odd: U's high nibble in place, L's high nibble shifted down. Two instructions a code.
+_ASM_INT8 = tl.constexpr("""{
+.reg .b32 u, l, x, y;
+""" + "".join(f"""prmt.b32 u, $8, $9, 0x0{4 + k}0{k};
+prmt.b32 l, $10, $11, 0x0{4 + k}0{k};
+lop3.b32 x, l, 0x000f000f, 0x64006400, 0xea;
+shl.b32 y, u, 4;
+lop3.b32 ${k}, y, 0x00f000f0, x, 0xea;
+shr.u32 l, l, 4;
+lop3.b32 x, l, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 ${4 + k}, u, 0x00f000f0, x, 0xea;
+""" for k in range(4)) + "}")
 
-    int4: c = U nibble; int8: c = 16*U + L, built with integer ops. The bit pattern 0x6400 | c is the
-    fp16 number 1024 + c, so no int->float conversion runs; the dot's 1024 * sum(weights) is
-    subtracted in fp32 after.
-    """
-    hi = tl.load(hi_ptr + offs)
+
+@triton.jit
+def _fp16_code(c):
+    return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _interleave4(a0, a1, a2, a3):
+    """[N, W] x 4 -> [N, 4W] with element 4w + j from a_j."""
+    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # [N, W, 2, 2]: [.., k, t] = a_{2k + t}
+    return tl.reshape(x, [x.shape[0], x.shape[1] * 4])
+
+
+@triton.jit
+def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr, EMULATE: tl.constexpr):
+    """Even- and odd-channel codes [N, D/2] of a plane tile as fp16 dot operands 1024 + c.
+
+    int4: c = U nibble; int8: c = 16*U + L. The dot's 1024 * sum(weights) is taken off in fp32 after
+    it. offs: int32 [N, D/8] word offsets. EMULATE (the Triton interpreter has no inline asm): the
+    same values by integer ops."""
+    u = tl.load(hi_ptr.to(tl.pointer_type(tl.int32)) + offs)
     if INT8:
-        lo = tl.load(lo_ptr + offs)
-        c_e = ((hi & 0xF) << 4).to(tl.int16) | (lo & 0xF).to(tl.int16)
-        c_o = (hi & 0xF0).to(tl.int16) | (lo >> 4).to(tl.int16)
+        lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + offs)
+    if EMULATE:
+        if INT8:
+            e0 = _fp16_code(16 * (u & 0xF) + (lo & 0xF))
+            e1 = _fp16_code(16 * ((u >> 8) & 0xF) + ((lo >> 8) & 0xF))
+            e2 = _fp16_code(16 * ((u >> 16) & 0xF) + ((lo >> 16) & 0xF))
+            e3 = _fp16_code(16 * ((u >> 24) & 0xF) + ((lo >> 24) & 0xF))
+            o0 = _fp16_code(16 * ((u >> 4) & 0xF) + ((lo >> 4) & 0xF))
+            o1 = _fp16_code(16 * ((u >> 12) & 0xF) + ((lo >> 12) & 0xF))
+            o2 = _fp16_code(16 * ((u >> 20) & 0xF) + ((lo >> 20) & 0xF))
+            o3 = _fp16_code(16 * ((u >> 28) & 0xF) + ((lo >> 28) & 0xF))
+        else:
+            e0 = _fp16_code(u & 0xF)
+            e1 = _fp16_code((u >> 8) & 0xF)
+            e2 = _fp16_code((u >> 16) & 0xF)
+            e3 = _fp16_code((u >> 24) & 0xF)
+            o0 = _fp16_code((u >> 4) & 0xF)
+            o1 = _fp16_code((u >> 12) & 0xF)
+            o2 = _fp16_code((u >> 20) & 0xF)
+            o3 = _fp16_code((u >> 28) & 0xF)
+    elif INT8:
+        e0, e1, e2, e3, o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            _ASM_INT8, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [u, lo], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
     else:
-        c_e = (hi & 0xF).to(tl.int16)
-        c_o = (hi >> 4).to(tl.int16)
-    return (c_e | 0x6400).to(tl.float16, bitcast=True), (c_o | 0x6400).to(tl.float16, bitcast=True)
+        e0, e1, e2, e3, o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            _ASM_INT4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [u], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    return _interleave4(e0, e1, e2, e3), _interleave4(o0, o1, o2, o3)
 
 
 @triton.jit
-def _pow2_norm(row_max):
-    """Per-row powers of two (scale, 1/scale) that put row_max in [2**14, 2**15): weights scaled by
-    them use the full fp16 precision (11 bits) whatever their magnitude; both are exact in fp32.
-    Rows below 2**-113 (zero rows of padding) get the largest scale, and 0 as inverse."""
-    e = (row_max.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased fp32 exponent
+def _pow2_norm(bound):
+    """Powers of two (scale, 1/scale), exact in fp32, that put `bound` (>= every |weight| of a tile)
+    in [2**14, 2**15): the tile's weights then use fp16's full 11 bits whatever their magnitude
+    (smaller ones down to 2**-24 of the bound, far below what they contribute). A bound below
+    2**-113 (all-zero weights) gets the largest scale, and 0 as inverse."""
+    e = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased fp32 exponent
     fb = tl.minimum(tl.maximum(268 - e, 1), 254)  # biased exponent of 2**(14 - (e - 127))
     return (fb << 23).to(tl.float32, bitcast=True), ((254 - fb) << 23).to(tl.float32, bitcast=True)
 
@@ -89,43 +148,55 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
-def _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, b, h, qk_scale,
-               bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t, ksc_ptr, kmn_ptr, km_blk, km_h,
-               vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,
+def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o):
+    """A page's per-channel key metadata folded into the query: fp16 weights of the codes and the
+    fp32 row term q . off - 1024 * sum(weights) (with the rounded weights: the 1024 cancels exactly).
+    No rescaling: an fp16 weight keeps 11 bits down to 2**-14; smaller ones (subnormal) err by at
+    most 2**-25 absolute, i.e. < 2**-20 on a score (codes <= 255, 64 channel pairs): nothing next to
+    the 2**-11 relative rounding of the others. |q * s * sm_scale| stays far below fp16's 65504."""
+    qf_e = q_e.to(tl.float32)
+    qf_o = q_o.to(tl.float32)
+    w_e = (qf_e * sc_e[None, :]).to(tl.float16)
+    w_o = (qf_o * sc_o[None, :]).to(tl.float16)
+    row = tl.sum(qf_e * off_e[None, :] + qf_o * off_o[None, :] -
+                 1024.0 * (w_e.to(tl.float32) + w_o.to(tl.float32)), axis=1)
+    return w_e, w_o, row
+
+
+@triton.jit
+def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row,
+               b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
+               ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,
                D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
-               MASKED: tl.constexpr):
+               EMULATE: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK_N-token tile of a page (unit u of the sequence) folded into the online softmax.
+    The page's key weights are carried from tile to tile and recomputed when a page starts.
     MASKED: rows read only keys below their own Q(t) (tiles where Q(t) steps inside the block)."""
     sub: tl.constexpr = G // BLOCK_N
     i = tl.arange(0, D // 2)
     n = tl.arange(0, BLOCK_N)
-    tile_off = n[:, None] * pl_t + i[None, :]  # int32: 64-bit offsets would double the registers
     blk = tl.load(bt_ptr + b * s_bt + u // sub).to(tl.int64)
     rows = (u % sub) * BLOCK_N + n
-    pl = blk * pl_blk + h * pl_h + (u % sub) * (BLOCK_N * pl_t)  # scalar; + tile_off per element
-    # Keys: fold the per-channel scale into q, the per-channel offset into one row term.
+    pl = blk * pl_blk + h * pl_h + (u % sub) * (BLOCK_N * pl_t)  # scalar byte offset of the tile
+    # int32 word offsets (pl_t is a multiple of 4): 64-bit offsets would double the registers
+    tile_off = n[:, None] * (pl_t // 4) + tl.arange(0, D // 8)[None, :]
+    # Keys: the per-channel scale goes into the weights, the offset into one row term. The metadata
+    # loads stay outside the branch so that the pipeliner prefetches them with the codes.
     km = blk * km_blk + h * km_h + 2 * i
     sc_e = tl.load(ksc_ptr + km).to(tl.float32) * qk_scale  # log2-domain scores
     sc_o = tl.load(ksc_ptr + km + 1).to(tl.float32) * qk_scale
     off_e = tl.load(kmn_ptr + km).to(tl.float32) * qk_scale
     off_o = tl.load(kmn_ptr + km + 1).to(tl.float32) * qk_scale
-    if INT8:
-        off_e -= sc_e * (7.5 / 16)
-        off_o -= sc_o * (7.5 / 16)
-        sc_e *= 0.0625
-        sc_o *= 0.0625
-    qf_e = q_e.to(tl.float32)
-    qf_o = q_o.to(tl.float32)
-    wf_e = qf_e * sc_e[None, :]
-    wf_o = qf_o * sc_o[None, :]
-    scale, unscale = _pow2_norm(tl.maximum(tl.max(tl.abs(wf_e), axis=1), tl.max(tl.abs(wf_o), axis=1)))
-    w_e = (wf_e * scale[:, None]).to(tl.float16)
-    w_o = (wf_o * scale[:, None]).to(tl.float16)
-    c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8)
+    if (u % sub == 0) | (u == u_start):
+        if INT8:  # code 16*U + L: step s/16, offset min - 7.5*s/16
+            off_e -= sc_e * (7.5 / 16)
+            off_o -= sc_o * (7.5 / 16)
+            sc_e *= 0.0625
+            sc_o *= 0.0625
+        w_e, w_o, row_k = _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o)
+    c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8, EMULATE)
     s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
-    w_sum = tl.sum(w_e.to(tl.float32) + w_o.to(tl.float32), axis=1)
-    row_term = tl.sum(qf_e * off_e[None, :] + qf_o * off_o[None, :], axis=1)
-    s = (s - 1024.0 * w_sum[:, None]) * unscale[:, None] + row_term[:, None]
+    s += row_k[:, None]
     if MASKED:
         s = tl.where(((u // sub) * G + rows)[None, :] < q_row[:, None], s, float("-inf"))
 
@@ -133,21 +204,22 @@ def _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, b, h, qk_scale,
     acc_e *= alpha[:, None]
     acc_o *= alpha[:, None]
 
-    # Values: fold the per-token scale into p, the per-token offset into one row term.
+    # Values: the per-token scale goes into p (one power-of-two scale for the tile), the offset
+    # into one row term.
     vm = blk * vm_blk + h * vm_h + rows * vm_t
-    c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8)
+    c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8, EMULATE)
     if VG == D:
         vsc = tl.load(vsc_ptr + vm).to(tl.float32)
         voff = tl.load(vmn_ptr + vm).to(tl.float32)
         if INT8:
             voff -= vsc * (7.5 / 16)
             vsc *= 0.0625
-        pwf = p * vsc[None, :]
-        scale, unscale = _pow2_norm(tl.max(pwf, axis=1))
-        pw = (pwf * scale[:, None]).to(tl.float16)
-        corr = tl.sum(p * voff[None, :], axis=1) - 1024.0 * unscale * tl.sum(pw.to(tl.float32), axis=1)
-        acc_e += tl.dot(pw, c_e) * unscale[:, None] + corr[:, None]
-        acc_o += tl.dot(pw, c_o) * unscale[:, None] + corr[:, None]
+        # p <= 1 but p * s can be tiny: one power-of-two scale per tile keeps fp16's 11 bits
+        scale, unscale = _pow2_norm(tl.max(vsc, axis=0))
+        pw = (p * (vsc * scale)[None, :]).to(tl.float16)
+        corr = tl.sum(p * voff[None, :] - (1024.0 * unscale) * pw.to(tl.float32), axis=1)
+        acc_e += tl.dot(pw, c_e) * unscale + corr[:, None]
+        acc_o += tl.dot(pw, c_o) * unscale + corr[:, None]
     else:
         # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
         # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
@@ -159,7 +231,7 @@ def _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, b, h, qk_scale,
             vsc *= 0.0625
         acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
         acc_o += tl.dot(p, voff + vsc * (c_o.to(tl.float32) - 1024.0))
-    return m_i, l_i, acc_e, acc_o
+    return m_i, l_i, acc_e, acc_o, w_e, w_o, row_k
 
 
 @triton.jit
@@ -224,15 +296,22 @@ def _paged_attention_kernel(
     acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
     # Page tiles below q_lo are read whole by every row; the rest (at most one page for decode and
     # verify) masks each row at its own Q(t).
-    args_tail = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
+    w_e = tl.zeros([BLOCK_M, D // 2], tl.float16)
+    w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
+    row_k = tl.zeros([BLOCK_M], tl.float32)
+    page_args = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
                  ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t)
     n_whole = (q_lo // G) * sub
-    for u in range(u_lo, tl.minimum(u_hi, n_whole)):
-        m_i, l_i, acc_e, acc_o = _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, *args_tail,
-                                            D, G, VG, BLOCK_N, INT8, False)
-    for u in range(tl.maximum(u_lo, n_whole), tl.minimum(u_hi, n_page_units)):
-        m_i, l_i, acc_e, acc_o = _page_tile(u, m_i, l_i, acc_e, acc_o, q_e, q_o, q_row, *args_tail,
-                                            D, G, VG, BLOCK_N, INT8, True)
+    u_mid = tl.minimum(u_hi, n_whole)
+    for u in range(u_lo, u_mid):
+        m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
+            u, u_lo, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
+            D, G, VG, BLOCK_N, INT8, EMULATE, False)
+    u_first = tl.maximum(u_lo, n_whole)
+    for u in range(u_first, tl.minimum(u_hi, n_page_units)):
+        m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
+            u, u_first, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
+            D, G, VG, BLOCK_N, INT8, EMULATE, True)
 
     # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
     slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -299,13 +378,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fp_weight(mode: str, block_f: int, block_n: int) -> int:
+    """Units a full-precision tile counts for: twice its bytes relative to a page tile (bf16 K+V
+    against U (+L) planes), since its loop step is slower per byte; spreads the ring over splits."""
+    page_tile_bytes = block_n * (1 if mode == "int4" else 2)  # per channel pair, K+V
+    return max(1, 2 * (block_f * 4) // page_tile_bytes)
+
+
 @functools.cache
 def _num_sms() -> int:
     return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
 
 
-def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 4, min_units: int = 4) -> int:
-    """Enough programs to fill the GPU (`programs_per_sm` per SM), at least `min_units` units each."""
+def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 2, min_units: int = 4) -> int:
+    """Enough programs to fill the GPU (`programs_per_sm` per SM), at least `min_units` units each.
+    Measured on an H100 (benchmarks/tune_attention.py): ~8 warps per SM (2 programs of 4 warps) is
+    best; more splits only add partials to merge."""
     want = max(1, programs_per_sm * _num_sms() // max(1, num_programs))
     return max(1, min(want, max_units // min_units, 256))
 
@@ -313,10 +401,13 @@ def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 4
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
-                    block_m: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+                    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                    num_stages: int = 2):
     """Triton twin of the reference attention (same arguments and result). `max_query_len` /
     `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
-    device sync; `num_splits` overrides the split-K heuristic."""
+    device sync; `num_splits` overrides the split-K heuristic. The defaults of the launch parameters
+    are the fastest measured on an H100: decode/verify (M <= 32 rows) 4 warps over 128-token tiles,
+    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills)."""
     assert mode in ("int4", "int8"), mode
     T, HQ, D = q.shape
     G, H, VG = layout.block_size, layout.num_kv_heads, layout.v_group
@@ -339,6 +430,10 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     block_q = max(1, min(max_query_len, block_m // grp))
     block_m = max(16, triton.next_power_of_2(block_q * grp))
     n_qblocks = triton.cdiv(max_query_len, block_q)
+    if block_n is None:
+        block_n = 128 if block_m <= 32 else 64
+    if num_warps is None:
+        num_warps = 4 if block_m <= 32 else 8
     block_n = min(G, block_n)
     block_f = 32
     if num_splits is None:
@@ -360,7 +455,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out, out.stride(0), out.stride(1), po, plse,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
         HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_F=block_f, FP_W=max(1, block_f * (4 if mode == "int4" else 2) // block_n),
+        BLOCK_F=block_f, FP_W=_fp_weight(mode, block_f, block_n),
         DIRECT=num_splits == 1, INT8=mode == "int8", EMULATE=_interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
