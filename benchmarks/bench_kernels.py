@@ -270,6 +270,8 @@ def markdown(res: dict) -> str:
     md += ["", "## Targets", "", "| target | case | measured | met |", "|---|---|---|---|"]
     md += [f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else '**no**'} |"
            for t in res["targets"]]
+    if res.get("analysis"):  # written by hand into the JSON after the run: why targets are missed
+        md += ["", "## Analysis", ""] + [f"- {a}" for a in res["analysis"]]
     return "\n".join(md) + "\n"
 
 

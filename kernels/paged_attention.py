@@ -17,9 +17,9 @@ Dequantization folded into the math (no dequantized K or V tile ever exists):
   values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
 with int4: c = U, sc = s, off = min; int8: c = 16*U + L (integer ops), sc = s/16, off = min - 7.5*s/16.
 Dot operands are fp16: codes as the bit pattern 0x6400 | c, which is the fp16 number 1024 + c
-(exact, no int->float conversion; 1024 * sum(weights) is subtracted in fp32 after the dot), and
-weights q*sc / p*sc scaled per row by a power of two into [2**14, 2**15) so that they keep fp16's 11
-bits whatever their magnitude (bf16 would keep 8: 4x the error of an INT8 cache's own step).
+(exact, no int->float conversion: inline asm unpacks 4-byte words; 1024 * sum(weights) is taken off
+in fp32 after the dot), weights q*sc as they are and p*sc scaled per tile by a power of two (p can
+be tiny), so both keep fp16's 11 bits (bf16 would keep 8: 4x the error of an INT8 cache's own step).
 Accumulation fp32. Channels are handled as two streams, even and odd (the two nibbles of a byte).
 """
 

@@ -4,8 +4,8 @@ CPU: TRITON_INTERPRET=1 at small shapes (G=16). GPU (`pytest -m gpu`): real shap
 
 Tolerances (norm-wise relative error ||out - ref|| / ||ref||, ref computed in fp32 from the same
 pages and fp32 copies of the same inputs):
-  - the page part runs on fp16 dot operands (q*scale and p*scale, each normalized per row by a power
-    of two, rounded once: 2**-11 relative) with fp32 accumulation: ~5e-4 measured, bound 2e-3;
+  - the page part runs on fp16 dot operands (q*scale, and p*scale normalized per tile by a power of
+    two, each rounded once: 2**-11 relative) with fp32 accumulation: ~5e-4 measured, bound 2e-3;
   - bf16 models add bf16 p in the full-precision segment (2**-9) and the bf16 output rounding
     (half an ulp, 2**-9 relative): ~3e-3 measured, bound 8e-3 (1 bf16 ulp at the top of a binade);
   - fp16 models: fp16 p and output (2**-11 each), bound 2e-3.
