@@ -190,6 +190,17 @@ def _wrap_unquantized_linear_process(original: Callable[..., Any]) -> Callable[.
     return process_weights_after_loading
 
 
+def _wrap_v2_unsupported(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _get_v2_model_runner_unsupported_features(self: Any) -> list[str]:
+        unsupported = original(self)
+        backend = self.attention_config.backend
+        if backend is not None and backend.name == BACKEND_NAME:
+            unsupported.append("the hierarchical KV cache of vllm-quantspec")
+        return unsupported
+
+    return _get_v2_model_runner_unsupported_features
+
+
 # --- P3 / P4: the proposer ---------------------------------------------------------------------
 
 
@@ -269,6 +280,14 @@ PATCHES: tuple[Patch, ...] = (
         wrap=_wrap_update_states,
         why="tie recent-token ring slots to vLLM's request lifecycle (finish, abort, preemption); "
         "the CPU runner inherits it",
+    ),
+    Patch(
+        name="P9 VllmConfig._get_v2_model_runner_unsupported_features",
+        owner="vllm.config.vllm:VllmConfig",
+        attribute="_get_v2_model_runner_unsupported_features",
+        wrap=_wrap_v2_unsupported,
+        why="the backend's request bookkeeping (P6) and the proposer (P4) live in the V1 model runner; "
+        "vLLM then falls back to V1 with a warning, as for its own unsupported features",
     ),
     Patch(
         name="P7 CpuPlatform.get_attn_backend_cls",

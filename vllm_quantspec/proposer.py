@@ -22,6 +22,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.utils.torch_utils import set_default_torch_dtype
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
@@ -129,7 +130,9 @@ class QuantSpecProposer(QuantSpecDispatch):
 
         assert self._target is not None
         draft_config = self._create_draft_vllm_config()
-        with set_current_vllm_config(draft_config), set_model_tag("draft_model"):
+        # As vLLM's loader does: parameters in the model dtype, on the worker's device.
+        with (set_current_vllm_config(draft_config), set_model_tag("draft_model"),
+              set_default_torch_dtype(draft_config.model_config.dtype), torch.device(self.device)):
             draft = initialize_model(vllm_config=draft_config, prefix="draft_model")
         n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype)
         logger.info("QuantSpec draft: %d linear layers int4 (group %d) derived from the target's weights",
@@ -163,7 +166,10 @@ class QuantSpecProposer(QuantSpecDispatch):
             query_start_loc=self.arange[: batch_size + 1],
             query_start_loc_cpu=torch.arange(batch_size + 1, dtype=torch.int32),
             seq_lens=seq_lens,
-            seq_lens_cpu_upper_bound=seq_lens.cpu(),
+            # A copy even on CPU (where .cpu() returns the tensor itself): each later draft step
+            # advances seq_lens in place and then seq_lens_cpu_upper_bound, so an alias would move
+            # the backend's view of the sequence two positions per step.
+            seq_lens_cpu_upper_bound=seq_lens.to("cpu", copy=True),
             num_actual_tokens=batch_size,
             max_query_len=1,
             max_seq_len=cad.max_seq_len + 1,
