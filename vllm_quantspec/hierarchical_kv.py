@@ -106,6 +106,7 @@ def dequantize_values(q: QuantizedKV, mode: str) -> torch.Tensor:
 
 
 PAGE_ALIGN = 256  # bytes; page_bytes is padded to a multiple of this
+_VIEWS: dict = {}  # (data_ptr, shape, stride, device) -> (layout, PageViews)
 
 
 class PageViews(NamedTuple):
@@ -164,7 +165,19 @@ class HierarchicalPageLayout:
         return -(-end // PAGE_ALIGN) * PAGE_ALIGN
 
     def views(self, raw: torch.Tensor) -> PageViews:
-        """raw uint8 [num_blocks, page_bytes] -> PageViews sharing raw's storage (writes go through)."""
+        """raw uint8 [num_blocks, page_bytes] -> PageViews sharing raw's storage (writes go through).
+
+        Cached per tensor: every layer of every step asks for the same views of its KV cache, and
+        building them is a few dozen tensor ops of host time."""
+        key = (raw.data_ptr(), raw.shape, raw.stride(), raw.device)
+        cached = _VIEWS.get(key)
+        if cached is None or cached[0] != self:
+            if len(_VIEWS) >= 256:  # KV caches are few; tests make many small page tensors
+                _VIEWS.clear()
+            cached = _VIEWS[key] = (self, self._make_views(raw))
+        return cached[1]
+
+    def _make_views(self, raw: torch.Tensor) -> PageViews:
         assert raw.dtype == torch.uint8 and raw.shape[-1] == self.page_bytes, (raw.dtype, raw.shape)
         regions = []
         for (name, (shape, dtype)), at in zip(self.region_shapes().items(), self.offsets.values()):

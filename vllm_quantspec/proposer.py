@@ -12,6 +12,7 @@ rejection sampler and draft CUDA graphs are reused. What differs from vLLM's Dra
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -123,6 +124,10 @@ class QuantSpecProposer(QuantSpecDispatch):
             base,
             quant_config=draft_quant_config(self.options),
             attention_config=replace(base.attention_config, backend=AttentionBackendEnum.CUSTOM),
+            # vLLM keys its AOT torch.compile cache on the config hash and the forward's source, not on
+            # the model tag: without this the draft (same config, same code) would load the target's
+            # compiled graph, which expects fp `weight` parameters.
+            additional_config={**base.additional_config, "quantspec_draft": dataclasses.asdict(self.options)},
         )
 
     def _get_model(self) -> nn.Module:
