@@ -36,6 +36,6 @@ def test_plugin_registered_in_every_engine_process(tmp_path):
     pids = {pid for pid, _ in entries}
     names = sorted(name for _, name in entries)
     assert len(pids) == len(entries), entries  # once per process, however often vLLM calls register()
-    assert names[0] == "MainProcess"
+    assert "MainProcess" in names, names
     assert any(n.startswith("EngineCore") for n in names), names
     assert any(n.startswith("VllmWorker") for n in names), names
