@@ -18,7 +18,7 @@ pages' U planes (+ L planes for int8) and fp16 metadata, plus the bf16 ring of r
 (fp_keep = G: C - Q(C) in [G, 2G), QuantSpec's double buffer). "% of byte bound" = (bytes / measured
 device copy bandwidth) / time.
 
-Results: <out-dir>/kernels-h100.json, kernels-h100.md, kernels-h100.png.
+Results: <out-dir>/kernels-<gpu>.json, .md and .png (<gpu>: h100, h200, ...).
 """
 
 import argparse
@@ -34,6 +34,7 @@ import triton
 
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
 from vllm_quantspec.kernels.paged_attention import paged_attention
+from vllm_quantspec.kernels.prefill_attention import plan_prefill, prefill_attention
 
 HQ, H, D, G = 32, 8, 128, 128
 FA_BLOCK = 16  # vLLM's default KV block size for FlashAttention (as the anchor)
@@ -161,6 +162,15 @@ def prefill_rows(ctx: int, q_len: int) -> list[dict]:
         us = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
                                            max_query_len=q_len, max_seq_len=ctx))
         rows.append(dict(op=mode, us=us, speedup_vs_fa3=fa_us / us))
+    # What the backend runs for prefill on a GPU: dequantize to an fp16 workspace, FA3 twice, merge
+    # (the step's plan is built once per step, outside the timing; no CUDA graph: prefill is eager).
+    a = case["args"]
+    plan = plan_prefill(a["query_start_loc"].cpu().numpy(), a["seq_lens"].cpu().numpy(), a["ring_slot"].tolist(),
+                        a["block_table"], G, FP_KEEP, RING)
+    out = torch.empty_like(q)
+    us = timed(lambda: prefill_attention(q, a["k_new"], a["v_new"], plan, a["pages"], a["layout"], a["k_ring"],
+                                         a["v_ring"], 1 / math.sqrt(D), out), graph=False)
+    rows.append(dict(op="int8_fa3_workspace", us=us, speedup_vs_fa3=fa_us / us))
     for r in rows:
         r.update(kind="prefill", batch=1, ctx=ctx, q_len=q_len, TFLOPs=flops / r["us"] / 1e6)
     return rows
@@ -304,6 +314,11 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def device_tag(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': result files are named after the GPU they were measured on."""
+    return next((w.lower() for w in name.split() if w[:1] in "HABL" and w[1:].isdigit()), name.split()[-1].lower())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default="benchmarks/results")
@@ -312,8 +327,9 @@ def main():
     args = ap.parse_args()
     if args.plot_only:
         res = json.load(open(args.plot_only))
-        open(os.path.join(args.out_dir, "kernels-h100.md"), "w").write(markdown(res))
-        plot(res, os.path.join(args.out_dir, "kernels-h100.png"))
+        stem = args.plot_only[:-len(".json")]
+        open(stem + ".md", "w").write(markdown(res))
+        plot(res, stem + ".png")
         return
     import vllm
 
@@ -322,6 +338,7 @@ def main():
                triton=triton.__version__, command="python " + " ".join(sys.argv),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     res["copy_GBps"] = copy_bandwidth()
+    stem = os.path.join(args.out_dir, "kernels-" + device_tag(res["device"]))
     print(json.dumps({k: v for k, v in res.items()}), flush=True)
     res["rows"], res["errors"] = [], []
     cases = [(1, 8192), (1, 131072)] if args.quick else \
@@ -339,13 +356,13 @@ def main():
             res["errors"].append(dict(section=name, error=traceback.format_exc()))
             print(name, "FAILED\n", traceback.format_exc(), flush=True)
         torch.cuda.empty_cache()
-        json.dump(res, open(os.path.join(args.out_dir, "kernels-h100.json"), "w"), indent=1)
+        json.dump(res, open(stem + ".json", "w"), indent=1)
     res["targets"] = target_summary(res["rows"])
-    json.dump(res, open(os.path.join(args.out_dir, "kernels-h100.json"), "w"), indent=1)
+    json.dump(res, open(stem + ".json", "w"), indent=1)
     md = markdown(res)
-    open(os.path.join(args.out_dir, "kernels-h100.md"), "w").write(md)
+    open(stem + ".md", "w").write(md)
     try:
-        plot(res, os.path.join(args.out_dir, "kernels-h100.png"))
+        plot(res, stem + ".png")
     except ImportError as e:  # no matplotlib on the GPU machine: re-draw with --plot-only
         print("no plot:", e)
     print(md)

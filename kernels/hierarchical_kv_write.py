@@ -2,7 +2,7 @@
 
 Same semantics as ``vllm_quantspec.hierarchical_kv.write_groups`` (the write contract of the design
 brief): group j is the G source rows ``src_rows[j]`` (token order) of ``src_k``/``src_v`` and goes to
-page ``dest_blocks[j]``. Keys are quantized per channel over the G tokens, values per token over
+page ``dest_blocks[j]``; a negative block skips the group (fixed-length, CUDA-graph-safe flush lists). Keys are quantized per channel over the G tokens, values per token over
 ``v_group`` consecutive channels. Every float operation mirrors the reference in fp32 with IEEE
 rounding (``div_rn``; ``s16*hi`` is exact because s16 has 11 significant bits and hi 4), so the codes
 match the reference bit for bit; the tests still allow a code to differ where the reference's
@@ -91,14 +91,15 @@ def _write_keys_kernel(
     hio, loo = _codes(xo, mno[None, :], so[None, :])
 
     blk = tl.load(blocks_ptr + j).to(tl.int64)
+    ok = blk >= 0  # a skipped group stores nothing
     p_off = blk * p_blk + h * p_head + t[:, None] * p_tok + i[None, :]
-    tl.store(hi_ptr + p_off, hie | (hio << 4))
-    tl.store(lo_ptr + p_off, loe | (loo << 4))
+    tl.store(hi_ptr + p_off, hie | (hio << 4), mask=ok)
+    tl.store(lo_ptr + p_off, loe | (loo << 4), mask=ok)
     m_off = blk * m_blk + h * m_head + 2 * i
-    tl.store(sc_ptr + m_off, se)
-    tl.store(sc_ptr + m_off + 1, so)
-    tl.store(mn_ptr + m_off, mne)
-    tl.store(mn_ptr + m_off + 1, mno)
+    tl.store(sc_ptr + m_off, se, mask=ok)
+    tl.store(sc_ptr + m_off + 1, so, mask=ok)
+    tl.store(mn_ptr + m_off, mne, mask=ok)
+    tl.store(mn_ptr + m_off + 1, mno, mask=ok)
 
 
 @triton.jit
@@ -130,12 +131,13 @@ def _write_values_kernel(
     hio, loo = _codes(xo, mn[:, :, None], s[:, :, None])
 
     blk = tl.load(blocks_ptr + j).to(tl.int64)
+    ok = blk >= 0
     p_off = blk * p_blk + h * p_head + t[:, None, None] * p_tok + pair
-    tl.store(hi_ptr + p_off, hie | (hio << 4))
-    tl.store(lo_ptr + p_off, loe | (loo << 4))
+    tl.store(hi_ptr + p_off, hie | (hio << 4), mask=ok)
+    tl.store(lo_ptr + p_off, loe | (loo << 4), mask=ok)
     m_off = blk * m_blk + h * m_head + t[:, None] * m_tok + g[None, :]
-    tl.store(sc_ptr + m_off, s)
-    tl.store(mn_ptr + m_off, mn)
+    tl.store(sc_ptr + m_off, s, mask=ok)
+    tl.store(mn_ptr + m_off, mn, mask=ok)
 
 
 def write_groups(pages: torch.Tensor, layout, src_k: torch.Tensor, src_v: torch.Tensor,

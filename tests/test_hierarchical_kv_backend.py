@@ -88,6 +88,8 @@ class FlushRecorder:
         req_ids = recent_buffer._RUNNER().input_batch.req_ids[: md.num_reqs]
         q_lens = md.query_start_loc.diff().tolist()
         for block in md.flush_blocks.tolist():
+            if block < 0:  # an unused entry of a decode step's fixed-length flush list
+                continue
             where = (md.block_table == block).nonzero().tolist()
             assert len(where) == 1, f"page {block} is in {len(where)} block-table entries"
             b, group = where[0]

@@ -27,6 +27,12 @@ if not torch.cuda.is_available():
 
 from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
 from vllm_quantspec.kernels.paged_attention import paged_attention  # noqa: E402
+from vllm_quantspec.kernels.prefill_attention import (  # noqa: E402
+    dequantize_pages,
+    plan_prefill,
+    plan_runs,
+    prefill_attention,
+)
 from vllm_quantspec.reference_attention import attention as reference_attention  # noqa: E402
 from vllm_quantspec.reference_attention import quantized_len  # noqa: E402
 
@@ -182,3 +188,54 @@ def test_gpu_llama8b_shape(mode, q_len, kind):
 def test_gpu_chunked_prefill(mode):
     args = _scenario([512, 1, 300], [4096, 9000, 0], G=128, H=8, grp=4, D=128, keep=128, R=384)
     _check(args, mode)
+
+
+# --- chunked prefill through FlashAttention-3 over a dequantized workspace (kernels/prefill_attention.py)
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("VG", [None, 16])
+def test_dequantize_pages_matches_reference(mode, VG):
+    """The workspace is the reference's fp32 dequantization rounded to fp16, page for page."""
+    args = _scenario([1], [200], VG=VG, D=64)
+    blocks = torch.tensor([3, 0, 5], dtype=torch.int32, device=DEVICE)
+    k, v = dequantize_pages(args["pages"], args["layout"], blocks, mode)
+    k_ref, v_ref = hk.read_groups(args["pages"], args["layout"], blocks, mode)
+    # one fp32 operation order (min + s * code) on both sides: equal after rounding, up to one
+    # fp16 ulp where a compiler contracts the multiply-add
+    assert torch.allclose(k.float(), k_ref.half().float(), rtol=2.0**-10, atol=0)
+    assert torch.allclose(v.float(), v_ref.half().float(), rtol=2.0**-10, atol=0)
+
+
+def test_plan_runs_boundaries():
+    """Runs cover every query row once, in order, and share one boundary Q(t) each: at most G rows,
+    or fp_keep + G for the run with no quantized key (q_r = 0)."""
+    G, keep = 16, 20
+    qsl, seq_lens = [0, 40, 41, 64, 67], [104, 91, 23, 23]
+    runs = plan_runs(qsl, seq_lens, G, keep)
+    rows = [row + i for _, row, n, _, _ in runs for i in range(n)]
+    assert rows == list(range(qsl[-1]))
+    for b, row, n, q_r, t0 in runs:
+        positions = torch.arange(t0, t0 + n)
+        assert n <= (G if q_r else keep + G) and set(quantized_len(positions, G, keep).tolist()) == {q_r}, (b, row, n, q_r, t0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grp,D,H", [(4, 128, 8), (3, 64, 3)])
+@pytest.mark.parametrize("kind", ["normal", "outliers"])
+def test_gpu_prefill_fa3(grp, D, H, kind):
+    """Prefill chunks (with context, without, and a decode in the same batch) through FA3 over the
+    workspace: same tolerances as the paged kernel (fp16 operands, fp32 merge, bf16 output)."""
+    args = _scenario([512, 1, 300, 37], [4096, 9000, 0, 130], G=128, H=H, grp=grp, D=D, keep=128, R=384,
+                     kind=kind)
+    plan = plan_prefill(args["query_start_loc"].cpu().numpy(), args["seq_lens"].cpu().numpy(),
+                        args["ring_slot"].tolist(), args["block_table"], 128, 128, 384)
+    dtype = args["q"].dtype
+    fp32 = {k: args[k].float() for k in ("q", "k_new", "v_new", "k_ring", "v_ring")}
+    ref = reference_attention(**dict(args, mode="int8", **fp32))
+    out = torch.full_like(args["q"], float("nan"))
+    prefill_attention(args["q"], args["k_new"], args["v_new"], plan, args["pages"], args["layout"],
+                      args["k_ring"], args["v_ring"], args["sm_scale"], out)
+    assert not out.isnan().any()
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err <= REL_TOL[dtype] * (4 if kind == "outliers" else 1), float(err)

@@ -49,7 +49,8 @@ def _check_pages(got: torch.Tensor, want: torch.Tensor, layout, src_k, src_v, ro
     for name in ("k_scale", "k_min", "v_scale", "v_min"):
         # compared as bits: the untouched pages hold random bytes, some of them fp16 NaNs
         assert torch.equal(getattr(pv_got, name).view(torch.int16), getattr(pv_want, name).view(torch.int16)), name
-    idx = blocks.long()
+    keep = blocks >= 0  # negative blocks are skipped groups
+    rows, idx = rows[keep], blocks[keep].long()
     k = src_k[rows.long()].transpose(1, 2)  # [n, H, G, D]
     v = src_v[rows.long()].transpose(1, 2)
     vg = layout.v_group
@@ -97,16 +98,17 @@ def test_write_groups_matches_reference(G, H, D, VG, dtype, kind):
 
 
 def test_write_groups_ring_flush():
-    """Decode flush: rows slot*R + p % R of a ring viewed as [S*R, H, D], wrapping around the ring."""
+    """Decode flush: rows slot*R + p % R of a ring viewed as [S*R, H, D], wrapping around the ring;
+    a negative block (a padded entry of a decode step's fixed-length flush list) writes nothing."""
     G, H, D, R, S = 16, 2, 64, 40, 3
     layout = hk.HierarchicalPageLayout(G, H, D)
     gen = torch.Generator().manual_seed(1)
     k_ring = torch.randn(S, R, H, D, generator=gen).bfloat16().to(DEVICE)
     v_ring = torch.randn(S, R, H, D, generator=gen).bfloat16().to(DEVICE)
-    starts = torch.tensor([32, 0, 70])  # positions of the group's first token; 32..47 and 70..85 wrap
-    slots = torch.tensor([2, 0, 1])
+    starts = torch.tensor([32, 0, 70, 16])  # positions of the group's first token; 32..47 and 70..85 wrap
+    slots = torch.tensor([2, 0, 1, 1])
     rows = (slots[:, None] * R + (starts[:, None] + torch.arange(G)) % R).int().to(DEVICE)
-    blocks = torch.tensor([5, 1, 3], dtype=torch.int32, device=DEVICE)
+    blocks = torch.tensor([5, 1, 3, -1], dtype=torch.int32, device=DEVICE)
     want = torch.zeros(7, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
     got = want.clone()
     src_k, src_v = k_ring.view(S * R, H, D), v_ring.view(S * R, H, D)
@@ -115,6 +117,9 @@ def test_write_groups_ring_flush():
     want = want.cpu()
     hk.write_groups(want, layout, *cpu)
     _check_pages(got.cpu(), want, layout, *cpu)
+    untouched = torch.ones(7, dtype=torch.bool)
+    untouched[[5, 1, 3]] = False
+    assert not want[untouched].any() and not got.cpu()[untouched].any()
 
 
 @pytest.mark.gpu

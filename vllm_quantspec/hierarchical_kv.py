@@ -189,7 +189,11 @@ class HierarchicalPageLayout:
 def write_groups(pages: torch.Tensor, layout: HierarchicalPageLayout, src_k: torch.Tensor, src_v: torch.Tensor,
                  src_rows: torch.Tensor, dest_blocks: torch.Tensor) -> None:
     """Quantize n complete groups into pages (in place): group j = src rows src_rows[j, :] (token
-    order) of src_k/src_v [N, H, D] -> page dest_blocks[j]. dest_blocks must be distinct."""
+    order) of src_k/src_v [N, H, D] -> page dest_blocks[j]. Valid dest_blocks must be distinct; a
+    negative one skips its group (a decode step's flush list has a fixed length, padded that way,
+    so that a CUDA graph can replay it)."""
+    keep = dest_blocks >= 0
+    src_rows, dest_blocks = src_rows[keep], dest_blocks[keep]
     rows = src_rows.long()
     k = src_k[rows].transpose(1, 2)  # [n, H, G, D]
     v = src_v[rows].transpose(1, 2)

@@ -33,6 +33,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_quantspec import hierarchical_kv, reference_attention
+from vllm_quantspec.kernels.prefill_attention import PrefillPlan, plan_prefill, prefill_attention
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
 from vllm_quantspec.options import KV_GROUP_SIZES
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig, recent_buffer
@@ -141,32 +142,53 @@ class HierarchicalKVMetadata:
     query_start_loc: torch.Tensor  # [B+1] i32
     seq_lens: torch.Tensor  # [B] i32
     block_table: torch.Tensor  # [B, max_blocks] i32
-    ring_slot: torch.Tensor  # [B] i32
-    # ring writes: new-token row -> flat ring row (slot * capacity + position % capacity)
-    ring_write_src: torch.Tensor
-    ring_write_dst: torch.Tensor
-    # flush: n complete groups; staged row r of group j comes from the ring or from the new tokens
-    flush_blocks: torch.Tensor  # [n] i32 destination page of each group
-    flush_from_ring: tuple[torch.Tensor, torch.Tensor]  # (staged rows, flat ring rows)
-    flush_from_new: tuple[torch.Tensor, torch.Tensor]  # (staged rows, new-token rows)
+    ring_slot: torch.Tensor  # [B] i32 (padding rows: the spare slot)
+    ring_dst: torch.Tensor  # [T] i64 flat ring row of each new token (spare slot if not kept)
+    # Flush, target steps only: group j = source rows flush_rows[j] -> page flush_blocks[j] (< 0: none).
+    # The rows index the ring (decode/verify steps) or, with flush_staging, a staging buffer filled
+    # from the ring and the new tokens (prefill steps).
+    flush_rows: torch.Tensor | None = None  # [n, G] i64
+    flush_blocks: torch.Tensor | None = None  # [n] i32
+    flush_staging: tuple[torch.Tensor, ...] | None = None  # (staged rows, ring rows, staged rows, new rows)
+    prefill_plan: PrefillPlan | None = None  # GPU prefill steps: FlashAttention-3 over a workspace
     fp_keep: int = 0  # query t reads positions < quantized_len(t; fp_keep) from pages
-    is_draft_step: bool = False  # built by build_for_drafting: draft layers never flush
 
 
 class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetadata]):
-    # Attention runs eagerly between CUDA-graph pieces (the flush list changes every step).
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    """Builds the step's ring and flush indices on the device, without a host sync.
+
+    Decode and verify steps (every query length <= fp_keep + 1) flush only from the ring, at most
+    ``flush_slots`` groups per request: their indices have a fixed shape and are written into
+    persistent buffers, so vLLM can capture and replay those steps as full CUDA graphs (uniform
+    batches). Steps with longer queries (prefill chunks) run eagerly and may flush any number of
+    groups, partly from the new tokens.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.buffer = recent_buffer(vllm_config)
-        self.config = self.buffer.config
+        self.config = cfg = self.buffer.config
         self.device = device
-        spec = vllm_config.speculative_config
-        gamma = spec.num_speculative_tokens if spec is not None else 0
         # verify steps (1 + γ query tokens) are decodes, not prefills
-        self._init_reorder_batch_threshold(1 + gamma, supports_spec_as_decode=True)
+        self._init_reorder_batch_threshold(1 + cfg.gamma, supports_spec_as_decode=True)
+        # A decode step's flush covers [Q(C - γ - 1), Q(C + γ)): at most this many groups.
+        self.flush_slots = 2 * cfg.gamma // cfg.group_size + 1
+        sched = vllm_config.scheduler_config
+        # rows and tokens of any step, CUDA-graph padding included (capture sizes count tokens)
+        max_reqs = max(sched.max_num_seqs, sched.max_num_batched_tokens)
+        max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + cfg.gamma))
+        i64 = dict(dtype=torch.int64, device=device)
+        self._slot = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._slot_host: list[int] = []
+        self._ring_dst = torch.zeros(max_tokens, **i64)
+        self._tokens = torch.arange(max_tokens, **i64)
+        self._flush_rows = torch.zeros(max_reqs * self.flush_slots, cfg.group_size, **i64)
+        self._flush_blocks = torch.zeros(max_reqs * self.flush_slots, dtype=torch.int32, device=device)
+        self._flush_j = torch.arange(self.flush_slots, **i64) * cfg.group_size
+        self._group = torch.arange(cfg.group_size, **i64)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HierarchicalKVMetadata:
@@ -178,60 +200,107 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
 
     def _build(self, cm: CommonAttentionMetadata, is_draft_step: bool) -> HierarchicalKVMetadata:
         """Target steps flush; draft steps (one token each) only read pages and write the ring."""
-        cfg, n = self.config, cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
-        seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
-                    else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
-        q_lens = np.diff(qsl)
-        ctx = seq_lens - q_lens
-        slots = self.buffer.slots_for_batch(n)
-        block_table = cm.block_table_tensor[:n]
-        block_table_cpu = block_table.cpu().numpy()  # one copy per step, shared by all layers
-        cap, g = cfg.capacity, cfg.group_size
-
-        write_src, write_dst = [], []
-        flush_blocks, ring_rows, ring_src, new_rows, new_src = [], [], [], [], []
-        for b in range(n):
-            c, s, slot, start = int(ctx[b]), int(seq_lens[b]), slots[b], int(qsl[b])
-            first = max(c, s - cap)  # only the last `capacity` positions can stay in the ring
-            pos = np.arange(first, s)
-            write_src.append(start + pos - c)
-            write_dst.append(slot * cap + pos % cap)
-            if is_draft_step:
-                continue
-            lo, hi = cfg.flush_range(c, s)
-            for block_start in range(lo, hi, g):
-                j = len(flush_blocks)
-                flush_blocks.append(int(block_table_cpu[b, block_start // g]))
-                pos = np.arange(block_start, block_start + g)
-                staged = j * g + np.arange(g)
-                old = pos < c
-                ring_rows.append(staged[old]), ring_src.append(slot * cap + pos[old] % cap)
-                new_rows.append(staged[~old]), new_src.append(start + pos[~old] - c)
-
-        def dev(parts, dtype=torch.int64):
-            arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-            return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype).to(self.device, non_blocking=True)
-
-        return HierarchicalKVMetadata(
-            num_reqs=n,
-            num_actual_tokens=cm.num_actual_tokens,
-            max_query_len=int(q_lens.max()) if n else 0,
-            max_seq_len=int(seq_lens.max()) if n else 0,
-            query_start_loc=cm.query_start_loc[: n + 1],
-            seq_lens=cm.seq_lens[:n],
-            block_table=block_table,
-            ring_slot=dev([np.array(slots)], torch.int32),
-            ring_write_src=dev(write_src),
-            ring_write_dst=dev(write_dst),
-            flush_blocks=dev([np.array(flush_blocks, dtype=np.int64)], torch.int32),
-            flush_from_ring=(dev(ring_rows), dev(ring_src)),
-            flush_from_new=(dev(new_rows), dev(new_src)),
+        cfg, n, t = self.config, cm.num_reqs, cm.num_actual_tokens
+        slot = self._ring_slots(n)
+        qsl, seq_lens = cm.query_start_loc[: n + 1], cm.seq_lens[:n]
+        ring_dst = self._ring_destinations(qsl, seq_lens, slot, t)
+        md = HierarchicalKVMetadata(
+            num_reqs=n, num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            query_start_loc=qsl, seq_lens=seq_lens, block_table=cm.block_table_tensor[:n],
+            ring_slot=slot, ring_dst=ring_dst,
             # A draft query at t reads pages only below quantized_len(t - γ): the target has flushed
             # that far (t - γ is at most its last verified position), and no further.
             fp_keep=cfg.fp_keep + (cfg.gamma if is_draft_step else 0),
-            is_draft_step=is_draft_step,
         )
+        if not is_draft_step:
+            if cm.max_query_len <= cfg.fp_keep + 1:
+                md.flush_rows, md.flush_blocks = self._decode_flush(md)
+            else:
+                self._prefill_flush(md, cm)
+        return md
+
+    def _ring_slots(self, n: int) -> torch.Tensor:
+        """Ring slot per batch row, in a persistent buffer; padding rows get the spare slot. Copied
+        to the device only when the batch's slots change (from pageable memory: the host list may
+        change again before the copy runs)."""
+        slots = self.buffer.slots_for_batch(n)
+        if slots != self._slot_host[:n] or len(self._slot_host) < n:
+            self._slot[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+            self._slot_host = slots
+        return self._slot[:n]
+
+    def _ring_destinations(self, qsl: torch.Tensor, seq_lens: torch.Tensor, slot: torch.Tensor,
+                           t: int) -> torch.Tensor:
+        """Flat ring row of each new token: slot * capacity + position % capacity for the last
+        `capacity` positions of its sequence; the spare slot's row 0 for the others (a long prefill
+        chunk's early tokens) and for padding tokens."""
+        cap, n = self.config.capacity, seq_lens.shape[0]
+        out = self._ring_dst[:t] if t <= self._ring_dst.numel() else torch.empty(t, dtype=torch.int64,
+                                                                                   device=self.device)
+        if n == 0:
+            return out.fill_(self.config.num_slots * cap)
+        tok = self._tokens[:t] if t <= self._tokens.numel() else torch.arange(t, device=self.device)
+        ends = qsl[1:].long()
+        req = torch.searchsorted(ends, tok, right=True)  # padding tokens: n
+        live = req < n
+        req = req.clamp_(max=n - 1)
+        s = seq_lens.long()[req]
+        pos = s - (ends[req] - tok)
+        row = slot.long()[req] * cap + pos % cap
+        return out.copy_(row.masked_fill_(~(live & (pos >= s - cap)), self.config.num_slots * cap))
+
+    def _decode_flush(self, md: HierarchicalKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Groups [Q(C - γ - 1), Q(seq_len - 1)) of each request, all in the ring (verified
+        positions < C; see HierarchicalKVConfig.flush_range), as flush_slots entries per request."""
+        cfg, n, g = self.config, md.num_reqs, self.config.group_size
+        m = n * self.flush_slots
+        rows, blocks = self._flush_rows[:m], self._flush_blocks[:m]
+        if n == 0:
+            return rows, blocks
+        seq = md.seq_lens.long()
+        ctx = seq - (md.query_start_loc[1:] - md.query_start_loc[:-1]).long()
+        lo = reference_attention.quantized_len(ctx - cfg.gamma - 1, g, cfg.fp_keep)
+        hi = reference_attention.quantized_len(seq - 1, g, cfg.fp_keep)
+        start = lo[:, None] + self._flush_j  # [n, flush_slots]
+        col = (start // g).clamp_(max=md.block_table.shape[1] - 1)
+        page = md.block_table.gather(1, col).long()
+        blocks.view(n, -1).copy_(torch.where(start < hi[:, None], page, -1))
+        cap = cfg.capacity
+        rows.view(n, -1, g).copy_(md.ring_slot.long()[:, None, None] * cap
+                                   + (start[:, :, None] + self._group) % cap)
+        return rows, blocks
+
+    def _prefill_flush(self, md: HierarchicalKVMetadata, cm: CommonAttentionMetadata) -> None:
+        """Any number of groups per request, from the ring (positions < C) and the new tokens;
+        planned on the host from vLLM's host copies of the batch, pages looked up on the device."""
+        cfg, n = self.config, md.num_reqs
+        qsl = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
+        seq_lens = cm.seq_lens_cpu_upper_bound
+        seq_lens = (seq_lens if seq_lens is not None else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
+        ctx = seq_lens - np.diff(qsl)
+        slots = self._slot_host
+        cap, g = cfg.capacity, cfg.group_size
+        req, col, ring_rows, ring_src, new_rows, new_src = [], [], [], [], [], []
+        for b in range(n):
+            c, lo, hi = int(ctx[b]), *cfg.flush_range(int(ctx[b]), int(seq_lens[b]))
+            for block_start in range(lo, hi, g):
+                j = len(req)
+                req.append(b), col.append(block_start // g)
+                pos = np.arange(block_start, block_start + g)
+                staged = j * g + np.arange(g)
+                old = pos < c
+                ring_rows.append(staged[old]), ring_src.append(slots[b] * cap + pos[old] % cap)
+                new_rows.append(staged[~old]), new_src.append(qsl[b] + pos[~old] - c)
+
+        def dev(parts):
+            arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device, non_blocking=True)
+
+        md.flush_blocks = md.block_table[dev([np.array(req, dtype=np.int64)]), dev([np.array(col, dtype=np.int64)])]
+        md.flush_rows = torch.arange(len(req) * g, device=self.device).view(len(req), g)
+        md.flush_staging = (dev(ring_rows), dev(ring_src), dev(new_rows), dev(new_src))
+        if self.device.type == "cuda":  # our paged kernel is compute-bound on long query chunks
+            md.prefill_plan = plan_prefill(qsl, seq_lens, slots[:n], md.block_table, g, cfg.fp_keep, cap)
 
 
 class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
@@ -256,6 +325,8 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
                 kv_cache: torch.Tensor, attn_metadata: HierarchicalKVMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        """Flush, attention, ring write. Decode steps issue the same launches with the same shapes
+        every step (no host decision depends on the step's data), so a CUDA graph can replay them."""
         is_draft = layer.layer_name.startswith(DRAFT_PREFIX)
         target_name = layer.layer_name[len(DRAFT_PREFIX):] if is_draft else layer.layer_name
         # Created during vLLM's profiling forward, so the KV pool is sized after it.
@@ -271,27 +342,31 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
         md, t = attn_metadata, attn_metadata.num_actual_tokens
         q, k, v = query[:t], key[:t], value[:t]
         flat_k, flat_v = k_ring.view(-1, *k_ring.shape[2:]), v_ring.view(-1, *v_ring.shape[2:])
-        if not is_draft and md.flush_blocks.numel():
+        if not is_draft and md.flush_rows is not None:
             self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
         args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
                 k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        if attention is reference_attention.attention:
+        if md.prefill_plan is not None and not is_draft:
+            prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
+        elif attention is reference_attention.attention:
             output[:t].copy_(attention(*args))
         else:
             attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t])
-        flat_k.index_copy_(0, md.ring_write_dst, k.index_select(0, md.ring_write_src))
-        flat_v.index_copy_(0, md.ring_write_dst, v.index_select(0, md.ring_write_src))
+        flat_k.index_copy_(0, md.ring_dst, k)
+        flat_v.index_copy_(0, md.ring_dst, v)
         return output
 
     def _flush(self, md: HierarchicalKVMetadata, pages: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor, write_groups) -> None:
-        """Quantize the step's complete verified groups into their pages (write/flush contract)."""
-        g = self.layout.block_size
-        n = md.flush_blocks.numel()
-        staged_k = k.new_empty(n * g, *k.shape[1:])
-        staged_v = v.new_empty(n * g, *v.shape[1:])
-        for rows, src, (sk, sv) in ((*md.flush_from_ring, (flat_k, flat_v)), (*md.flush_from_new, (k, v))):
-            staged_k.index_copy_(0, rows, sk.index_select(0, src))
-            staged_v.index_copy_(0, rows, sv.index_select(0, src))
-        src_rows = torch.arange(n * g, device=k.device).view(n, g)
-        write_groups(pages, self.layout, staged_k, staged_v, src_rows, md.flush_blocks)
+        """Quantize the step's complete verified groups into their pages (write/flush contract).
+        Decode steps read them straight from the ring; a prefill step first copies them into
+        contiguous rows from the ring and the new tokens."""
+        src_k, src_v = flat_k, flat_v
+        if md.flush_staging is not None:
+            n = md.flush_rows.numel()
+            src_k, src_v = k.new_empty(n, *k.shape[1:]), v.new_empty(n, *v.shape[1:])
+            ring_rows, ring_src, new_rows, new_src = md.flush_staging
+            for rows, src, (sk, sv) in ((ring_rows, ring_src, (flat_k, flat_v)), (new_rows, new_src, (k, v))):
+                src_k.index_copy_(0, rows, sk.index_select(0, src))
+                src_v.index_copy_(0, rows, sv.index_select(0, src))
+        write_groups(pages, self.layout, src_k, src_v, md.flush_rows, md.flush_blocks)

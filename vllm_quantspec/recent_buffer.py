@@ -86,8 +86,10 @@ class RecentTokenBuffer:
 
     def ring(self, layer_name: str, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_slots + 1, capacity, H, D] K and V: slot num_slots is the spare one that padding
+        rows of a CUDA-graph batch and the dropped early tokens of a long prefill chunk write to."""
         if layer_name not in self.rings:
-            shape = (self.config.num_slots, self.config.capacity, num_kv_heads, head_dim)
+            shape = (self.config.num_slots + 1, self.config.capacity, num_kv_heads, head_dim)
             self.rings[layer_name] = (torch.zeros(shape, dtype=dtype, device=device),
                                       torch.zeros(shape, dtype=dtype, device=device))
         return self.rings[layer_name]
@@ -102,13 +104,14 @@ class RecentTokenBuffer:
             if slot is not None:
                 self.free_slots.append(slot)
 
-    def slots_for_batch(self, num_reqs: int) -> list[int]:
-        """Ring slot of each row of the runner's current batch, claiming slots for new requests."""
+    def slots_for_batch(self, num_rows: int) -> list[int]:
+        """Ring slot of each row of the runner's current batch, claiming slots for new requests.
+        Rows past the runner's requests (CUDA-graph padding, or a capture before any request) get
+        the spare slot."""
         runner = _RUNNER() if _RUNNER is not None else None
-        if runner is None:
-            raise RuntimeError("vllm-quantspec: the hierarchical KV backend runs without its runner hook (patch P6)")
+        req_ids = runner.input_batch.req_ids[:num_rows] if runner is not None else []
         slots = []
-        for req_id in runner.input_batch.req_ids[:num_reqs]:
+        for req_id in req_ids:
             slot = self.slot_of.get(req_id)
             if slot is None:
                 if not self.free_slots:
@@ -118,7 +121,7 @@ class RecentTokenBuffer:
                     )
                 slot = self.slot_of[req_id] = self.free_slots.pop()
             slots.append(slot)
-        return slots
+        return slots + [self.config.num_slots] * (num_rows - len(slots))
 
 
 # The process's model runner (set by P6) and buffer (made by the backend's first layer or
