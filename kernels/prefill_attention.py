@@ -190,7 +190,9 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     n_old = plan.fp_from_ring.numel()
     fp = []
     for ring, new in ((k_ring, k_new), (v_ring, v_new)):
-        buf = torch.empty(plan.n_fp_pages * G, H, D, dtype=torch.float16, device=q.device)
+        # zeros: FA3 reads whole pages and multiplies the masked keys' values by 0, so garbage (NaN)
+        # in the unused rows of a sequence's last page would poison the output
+        buf = torch.zeros(plan.n_fp_pages * G, H, D, dtype=torch.float16, device=q.device)
         buf[plan.fp_rows[:n_old]] = ring.view(-1, H, D).index_select(0, plan.fp_from_ring).half()
         buf[plan.fp_rows[n_old:]] = new.index_select(0, plan.fp_from_new).half()
         fp.append(buf.view(plan.n_fp_pages, G, H, D))
@@ -202,9 +204,10 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                                         causal=False, **common)
     o_f, lse_f = flash_attn_varlen_func(q16, *fp, max_seqlen_k=plan.max_len_full, seqused_k=plan.len_full,
                                         block_table=plan.pages_full, causal=True, **common)
-    if plan.drop_quantized is not None:
-        lse_q = lse_q.masked_fill(plan.drop_quantized[None, :], float("-inf"))
     m = torch.maximum(lse_q, lse_f)  # [Hq, T]; the full-precision part is never empty
     w_q, w_f = torch.exp(lse_q - m).T[:, :, None], torch.exp(lse_f - m).T[:, :, None]
-    out[: q.shape[0]].copy_((o_q.float() * w_q + o_f.float() * w_f) / (w_q + w_f))
+    res = (o_q.float() * w_q + o_f.float() * w_f) / (w_q + w_f)
+    if plan.drop_quantized is not None:  # rows whose quantized part was only the dummy page
+        res = torch.where(plan.drop_quantized[:, None, None], o_f.float(), res)
+    out[: q.shape[0]].copy_(res)
     return out

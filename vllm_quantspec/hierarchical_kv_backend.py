@@ -182,6 +182,8 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + cfg.gamma))
         i64 = dict(dtype=torch.int64, device=device)
         self._slot = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._max_model_len = vllm_config.model_config.max_model_len
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
         self._tokens = torch.arange(max_tokens, **i64)
@@ -202,10 +204,14 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         """Target steps flush; draft steps (one token each) only read pages and write the ring."""
         cfg, n, t = self.config, cm.num_reqs, cm.num_actual_tokens
         slot = self._ring_slots(n)
-        qsl, seq_lens = cm.query_start_loc[: n + 1], cm.seq_lens[:n]
+        # Draft steps get seq_lens in a fresh tensor each step: a persistent copy (and a fixed
+        # split-K bound) let draft_graphs replay a captured step.
+        seq_lens = self._seq_lens[:n].copy_(cm.seq_lens[:n]) if is_draft_step else cm.seq_lens[:n]
+        max_seq_len = self._max_model_len if is_draft_step else cm.max_seq_len
+        qsl = cm.query_start_loc[: n + 1]
         ring_dst = self._ring_destinations(qsl, seq_lens, slot, t)
         md = HierarchicalKVMetadata(
-            num_reqs=n, num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            num_reqs=n, num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=max_seq_len,
             query_start_loc=qsl, seq_lens=seq_lens, block_table=cm.block_table_tensor[:n],
             ring_slot=slot, ring_dst=ring_dst,
             # A draft query at t reads pages only below quantized_len(t - γ): the target has flushed

@@ -1,7 +1,7 @@
 """The QuantSpec proposer: the target model itself, with int4 weights, reading the INT4 plane.
 
-It runs on vLLM's draft-model runner path (patches P3/P4), so vLLM's scheduler, lookahead slots,
-rejection sampler and draft CUDA graphs are reused. What differs from vLLM's DraftModelProposer:
+It runs on vLLM's draft-model runner path (patches P3/P4), so vLLM's scheduler, lookahead slots and
+rejection sampler are reused; on a GPU each draft step replays one CUDA graph (``draft_graphs``). What differs from vLLM's DraftModelProposer:
 - the draft is built from the *target's* config and its weights are derived in memory from the
   target's loaded weights (``draft_weights``): no second checkpoint, no disk I/O;
 - its attention layers share the target's KV cache (vLLM KV sharing) and read it in INT4 mode; their
@@ -27,6 +27,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+from vllm_quantspec.draft_graphs import DraftStepGraphs
 from vllm_quantspec.draft_weights import DequantizedW4Linear, quantize_w4
 from vllm_quantspec.hierarchical_kv_backend import DRAFT_PREFIX
 from vllm_quantspec.options import DRAFT_LINEARS, METHOD, QuantSpecOptions
@@ -153,6 +154,8 @@ class QuantSpecProposer(QuantSpecDispatch):
         for name in self._draft_attn_layer_names:
             layer = self.vllm_config.compilation_config.static_forward_context[name]
             layer.kv_sharing_target_layer_name = name[len(DRAFT_PREFIX):]
+        if self.device.type == "cuda" and not self.vllm_config.model_config.enforce_eager:
+            self.model = DraftStepGraphs(self.model)
 
     def model_returns_tuple(self) -> bool:
         return False  # the draft is a plain causal LM: its forward returns hidden states only
@@ -171,10 +174,7 @@ class QuantSpecProposer(QuantSpecDispatch):
             query_start_loc=self.arange[: batch_size + 1],
             query_start_loc_cpu=torch.arange(batch_size + 1, dtype=torch.int32),
             seq_lens=seq_lens,
-            # A copy even on CPU (where .cpu() returns the tensor itself): each later draft step
-            # advances seq_lens in place and then seq_lens_cpu_upper_bound, so an alias would move
-            # the backend's view of the sequence two positions per step.
-            seq_lens_cpu_upper_bound=seq_lens.to("cpu", copy=True),
+            seq_lens_cpu_upper_bound=None,  # the backend builds draft steps on the device: no sync
             num_actual_tokens=batch_size,
             max_query_len=1,
             max_seq_len=cad.max_seq_len + 1,
