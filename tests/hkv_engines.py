@@ -1,9 +1,9 @@
 """Support for the hierarchical KV backend's end-to-end tests: real prompts, agreement metrics and
-in-process vLLM engines, one alive at a time.
+in-process vLLM engines, one alive at a time, on the CPU (fp32, the CI suite) or a CUDA GPU (bf16).
 
-The engines run in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that tests can reach the
-backend's recent-token buffer, and with one torch thread: on 2 shared cores, in-process vLLM with the
-default thread count is ~40x slower (research/cpu-vllm.md §2).
+The engines run in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0, on the GPU too) so that tests
+can reach the backend's recent-token buffer, and with one torch thread: on 2 shared cores, in-process
+vLLM with the default thread count is ~40x slower (research/cpu-vllm.md §2).
 """
 
 from __future__ import annotations
@@ -86,10 +86,20 @@ def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def engine_kwargs(model: str, kind: str) -> dict[str, Any]:
-    common = dict(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
-                  max_num_seqs=MAX_NUM_SEQS, block_size=G, enable_prefix_caching=False)
-    if kind == "default":  # vLLM's own CPU backend (CPU_ATTN), full-precision KV
+# Engine settings per platform. CPU: fp32, eager. GPU: bf16 with vLLM's default compilation, the
+# realistic setting (torch.compile; CUDA graphs, full ones for decode-only batches, which the
+# hierarchical backend supports, piecewise for the rest); a fifth of the GPU's memory per engine, so
+# that the next engine's start-up check passes whatever the previous one left behind.
+PLATFORMS: dict[str, dict[str, Any]] = {
+    "cpu": dict(dtype="float32", enforce_eager=True),
+    "gpu": dict(dtype="bfloat16", gpu_memory_utilization=0.2),
+}
+
+
+def engine_kwargs(model: str, kind: str, platform: str = "cpu") -> dict[str, Any]:
+    common = dict(model=model, max_model_len=MAX_MODEL_LEN, seed=0, max_num_seqs=MAX_NUM_SEQS, block_size=G,
+                  enable_prefix_caching=False, **PLATFORMS[platform])
+    if kind == "default":  # vLLM's own backend (CPU_ATTN; FlashAttention on the GPU), full-precision KV
         return common
     common["attention_backend"] = "CUSTOM"
     if kind == "hierarchical":
@@ -108,8 +118,8 @@ class Engines:
     """At most one in-process LLM at a time (each holds ~2 GB and its own KV pool); asking for
     another kind shuts the current one down first."""
 
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, platform: str = "cpu"):
+        self.model, self.platform = model, platform
         self.kind: str | None = None
         self.llm = None
 
@@ -118,7 +128,7 @@ class Engines:
             self.close()
             from vllm import LLM
 
-            self.llm, self.kind = LLM(**engine_kwargs(self.model, kind)), kind
+            self.llm, self.kind = LLM(**engine_kwargs(self.model, kind, self.platform)), kind
         return self.llm
 
     def close(self) -> None:
