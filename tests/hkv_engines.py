@@ -136,10 +136,16 @@ class Engines:
             return
         from vllm.distributed import cleanup_dist_env_and_memory
 
+        from vllm.platforms import current_platform
+
         self.llm.llm_engine.engine_core.shutdown()
         self.llm, self.kind = None, None
         gc.collect()
         cleanup_dist_env_and_memory()  # in-process engines leave vLLM's distributed state behind
+        # vLLM keeps one CUDA-graph memory pool per process (a class attribute of the platform); the
+        # next engine must not capture into the pool of graphs that were just freed (first GPU run:
+        # the second engine's capture failed with the caching allocator's "use_count > 0" assert).
+        type(current_platform)._global_graph_pool = None
 
 
 @contextlib.contextmanager
