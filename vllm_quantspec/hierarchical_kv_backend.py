@@ -154,10 +154,48 @@ class HierarchicalKVMetadata:
     fp_keep: int = 0  # query t reads positions < quantized_len(t; fp_keep) from pages
 
 
+def ring_destinations(qsl: torch.Tensor, seq_lens: torch.Tensor, slot: torch.Tensor, tokens: torch.Tensor,
+                      config: HierarchicalKVConfig) -> torch.Tensor:
+    """Flat ring row of each new token (tokens = arange(T)): slot * capacity + position % capacity
+    for the last `capacity` positions of its sequence; the spare slot's row 0 for the others (a long
+    prefill chunk's early tokens) and for padding tokens past query_start_loc[-1]."""
+    cap, n = config.capacity, seq_lens.shape[0]
+    spare = config.num_slots * cap
+    if n == 0:
+        return torch.full_like(tokens, spare)
+    ends = qsl[1:].long()
+    req = torch.searchsorted(ends, tokens, right=True)  # padding tokens: n
+    live = req < n
+    req = req.clamp_(max=n - 1)
+    s = seq_lens.long()[req]
+    pos = s - (ends[req] - tokens)
+    row = slot.long()[req] * cap + pos % cap
+    return row.masked_fill_(~(live & (pos >= s - cap)), spare)
+
+
+def decode_flush(qsl: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, slot: torch.Tensor,
+                 config: HierarchicalKVConfig, per_request: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode or verify step's flush, as `per_request` fixed entries per request: source ring rows
+    [n * per_request, G] and pages [n * per_request] (-1: no group). Request b flushes the groups
+    [Q(C - γ - 1), Q(seq_len - 1)) (HierarchicalKVConfig.flush_range): for a query of at most γ + 1
+    tokens that range is verified (below C, by fp_keep >= γ), still in the ring, and at most
+    2γ // G + 1 groups long (it spans q + γ <= 2γ + 1 positions)."""
+    g, cap = config.group_size, config.capacity
+    seq = seq_lens.long()
+    ctx = seq - (qsl[1:] - qsl[:-1]).long()
+    lo = reference_attention.quantized_len(ctx - config.gamma - 1, g, config.fp_keep)
+    hi = reference_attention.quantized_len(seq - 1, g, config.fp_keep)
+    start = lo[:, None] + torch.arange(per_request, device=seq.device) * g  # [n, per_request]
+    col = (start // g).clamp_(max=block_table.shape[1] - 1)
+    blocks = torch.where(start < hi[:, None], block_table.gather(1, col).long(), -1)
+    rows = slot.long()[:, None, None] * cap + (start[:, :, None] + torch.arange(g, device=seq.device)) % cap
+    return rows.view(-1, g), blocks.view(-1).int()
+
+
 class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetadata]):
     """Builds the step's ring and flush indices on the device, without a host sync.
 
-    Decode and verify steps (every query length <= fp_keep + 1) flush only from the ring, at most
+    Decode and verify steps (every query length <= γ + 1) flush only from the ring, at most
     ``flush_slots`` groups per request: their indices have a fixed shape and are written into
     persistent buffers, so vLLM can capture and replay those steps as full CUDA graphs (uniform
     batches). Steps with longer queries (prefill chunks) run eagerly and may flush any number of
@@ -189,8 +227,6 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         self._tokens = torch.arange(max_tokens, **i64)
         self._flush_rows = torch.zeros(max_reqs * self.flush_slots, cfg.group_size, **i64)
         self._flush_blocks = torch.zeros(max_reqs * self.flush_slots, dtype=torch.int32, device=device)
-        self._flush_j = torch.arange(self.flush_slots, **i64) * cfg.group_size
-        self._group = torch.arange(cfg.group_size, **i64)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HierarchicalKVMetadata:
@@ -219,7 +255,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
             fp_keep=cfg.fp_keep + (cfg.gamma if is_draft_step else 0),
         )
         if not is_draft_step:
-            if cm.max_query_len <= cfg.fp_keep + 1:
+            if cm.max_query_len <= cfg.gamma + 1:
                 md.flush_rows, md.flush_blocks = self._decode_flush(md)
             else:
                 self._prefill_flush(md, cm)
@@ -237,44 +273,15 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
 
     def _ring_destinations(self, qsl: torch.Tensor, seq_lens: torch.Tensor, slot: torch.Tensor,
                            t: int) -> torch.Tensor:
-        """Flat ring row of each new token: slot * capacity + position % capacity for the last
-        `capacity` positions of its sequence; the spare slot's row 0 for the others (a long prefill
-        chunk's early tokens) and for padding tokens."""
-        cap, n = self.config.capacity, seq_lens.shape[0]
-        out = self._ring_dst[:t] if t <= self._ring_dst.numel() else torch.empty(t, dtype=torch.int64,
-                                                                                   device=self.device)
-        if n == 0:
-            return out.fill_(self.config.num_slots * cap)
-        tok = self._tokens[:t] if t <= self._tokens.numel() else torch.arange(t, device=self.device)
-        ends = qsl[1:].long()
-        req = torch.searchsorted(ends, tok, right=True)  # padding tokens: n
-        live = req < n
-        req = req.clamp_(max=n - 1)
-        s = seq_lens.long()[req]
-        pos = s - (ends[req] - tok)
-        row = slot.long()[req] * cap + pos % cap
-        return out.copy_(row.masked_fill_(~(live & (pos >= s - cap)), self.config.num_slots * cap))
+        rows = ring_destinations(qsl, seq_lens, slot, self._tokens[:t] if t <= self._tokens.numel()
+                                 else torch.arange(t, device=self.device), self.config)
+        return self._ring_dst[:t].copy_(rows) if t <= self._ring_dst.numel() else rows
 
     def _decode_flush(self, md: HierarchicalKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Groups [Q(C - γ - 1), Q(seq_len - 1)) of each request, all in the ring (verified
-        positions < C; see HierarchicalKVConfig.flush_range), as flush_slots entries per request."""
-        cfg, n, g = self.config, md.num_reqs, self.config.group_size
-        m = n * self.flush_slots
-        rows, blocks = self._flush_rows[:m], self._flush_blocks[:m]
-        if n == 0:
-            return rows, blocks
-        seq = md.seq_lens.long()
-        ctx = seq - (md.query_start_loc[1:] - md.query_start_loc[:-1]).long()
-        lo = reference_attention.quantized_len(ctx - cfg.gamma - 1, g, cfg.fp_keep)
-        hi = reference_attention.quantized_len(seq - 1, g, cfg.fp_keep)
-        start = lo[:, None] + self._flush_j  # [n, flush_slots]
-        col = (start // g).clamp_(max=md.block_table.shape[1] - 1)
-        page = md.block_table.gather(1, col).long()
-        blocks.view(n, -1).copy_(torch.where(start < hi[:, None], page, -1))
-        cap = cfg.capacity
-        rows.view(n, -1, g).copy_(md.ring_slot.long()[:, None, None] * cap
-                                   + (start[:, :, None] + self._group) % cap)
-        return rows, blocks
+        m = md.num_reqs * self.flush_slots
+        rows, blocks = decode_flush(md.query_start_loc, md.seq_lens, md.block_table, md.ring_slot, self.config,
+                                    self.flush_slots)
+        return self._flush_rows[:m].copy_(rows), self._flush_blocks[:m].copy_(blocks)
 
     def _prefill_flush(self, md: HierarchicalKVMetadata, cm: CommonAttentionMetadata) -> None:
         """Any number of groups per request, from the ring (positions < C) and the new tokens;

@@ -1,0 +1,71 @@
+"""The hierarchical backend's step metadata, built on the device: ring destinations of the new tokens
+and the fixed-length decode flush lists, against plain Python loops over the same rules
+(HierarchicalKVConfig.flush_range, ring row = slot * capacity + position % capacity)."""
+
+import random
+
+import pytest
+import torch
+
+from vllm_quantspec.hierarchical_kv_backend import decode_flush, ring_destinations
+from vllm_quantspec.recent_buffer import HierarchicalKVConfig
+
+
+def _config(G=16, gamma=4, fp_min=16, slots=6):
+    return HierarchicalKVConfig(group_size=G, v_group=64, fp_min=fp_min, gamma=gamma, num_slots=slots)
+
+
+def _batch(rng, q_lens, ctxs, pad_reqs=0, pad_tokens=0):
+    """query_start_loc / seq_lens as the runner pads them for a CUDA graph: padded requests have no
+    tokens and seq_len 0; padded tokens sit past query_start_loc[-1]."""
+    q_lens, ctxs = list(q_lens) + [0] * pad_reqs, list(ctxs) + [0] * pad_reqs
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    seq_lens = torch.tensor([c + q for c, q in zip(ctxs, q_lens)], dtype=torch.int32)
+    return qsl, seq_lens, int(qsl[-1]) + pad_tokens
+
+
+def test_ring_destinations_match_the_rule():
+    cfg, rng = _config(), random.Random(0)
+    cap, spare = cfg.capacity, cfg.num_slots * cfg.capacity
+    # decodes, a verify, a prefill chunk longer than the ring (its early tokens are dropped), padding
+    q_lens, ctxs = [1, 5, 300, 3, 1], [40, 77, 0, 500, 0]
+    qsl, seq_lens, t = _batch(rng, q_lens, ctxs, pad_reqs=2, pad_tokens=7)
+    slot = torch.tensor([3, 0, 5, 1, 2, cfg.num_slots, cfg.num_slots], dtype=torch.int32)
+    got = ring_destinations(qsl, seq_lens, slot, torch.arange(t), cfg).tolist()
+    want = []
+    for b, (q, c) in enumerate(zip(q_lens, ctxs)):
+        s = c + q
+        want += [int(slot[b]) * cap + p % cap if p >= s - cap else spare for p in range(c, s)]
+    want += [spare] * 7
+    assert got == want
+
+
+@pytest.mark.parametrize("G,gamma,fp_min", [(16, 0, 16), (16, 4, 16), (16, 8, 16), (16, 8, 0), (32, 3, 0),
+                                             (128, 8, 128)])
+def test_decode_flush_lists_every_group_of_the_rule_once(G, gamma, fp_min):
+    """For decode and verify queries (<= γ + 1 tokens, what the builder sends this way) the fixed list
+    holds exactly the groups of flush_range, each with its ring rows, and flush_slots = 2γ // G + 1
+    entries always suffice (a first version admitted queries of fp_keep + 1 tokens: 2 groups, 1 slot)."""
+    cfg, rng = _config(G, gamma, fp_min), random.Random(G + gamma)
+    per_request = 2 * gamma // G + 1
+    cap = cfg.capacity
+    for _ in range(40):
+        n = rng.randint(1, 5)
+        q_lens = [rng.randint(1, gamma + 1) for _ in range(n)]
+        ctxs = [rng.randint(0, 20 * G) for _ in range(n)]
+        qsl, seq_lens, _ = _batch(rng, q_lens, ctxs, pad_reqs=2)
+        slot = torch.tensor(rng.sample(range(cfg.num_slots), n) + [cfg.num_slots] * 2, dtype=torch.int32)
+        block_table = torch.randperm(1000)[: (n + 2) * 30].view(n + 2, 30).int()
+        rows, blocks = decode_flush(qsl, seq_lens, block_table, slot, cfg, per_request)
+        assert rows.shape == ((n + 2) * per_request, G) and blocks.shape == ((n + 2) * per_request,)
+        got = {(int(blk), tuple(r)) for blk, r in zip(blocks.tolist(), rows.tolist()) if blk >= 0}
+        want = set()
+        for b, (q, c) in enumerate(zip(q_lens, ctxs)):
+            lo, hi = cfg.flush_range(c, c + q)
+            starts = range(lo, hi, G)
+            assert len(starts) <= per_request, (c, q, lo, hi)
+            assert hi <= c, "a decode step flushes verified positions only"
+            want |= {(int(block_table[b, p // G]), tuple(int(slot[b]) * cap + (p + i) % cap for i in range(G)))
+                     for p in starts}
+        assert got == want
+        assert int((blocks >= 0).sum()) == len(want)  # no group listed twice, padding rows list none
