@@ -42,7 +42,7 @@ def build(model, spec, **engine_kwargs):
 
 def test_accepted_from_llm_kwargs(llama):
     cfg = build(llama, {"method": "quantspec", "num_speculative_tokens": 3, "kv_group_size": 64,
-                        "fp_buffer": "single", "draft_quantized_linears": "mlp"})
+                        "fp_buffer": "single", "draft_quantized_linears": "mlp", "quantize_lm_head": True})
     sc = cfg.speculative_config
     assert sc.method == "quantspec" and sc.num_speculative_tokens == 3
     assert sc.model == llama  # the draft is the target itself
@@ -50,6 +50,7 @@ def test_accepted_from_llm_kwargs(llama):
     assert sc.quantspec.kv_group_size == 64 and sc.quantspec.v_group_size == 64  # head_dim
     assert sc.quantspec.fp_buffer == "single"
     assert sc.quantspec.draft_quantized_linears == ("gate_up_proj", "down_proj")
+    assert sc.quantspec.quantize_lm_head is True
     assert cfg.cache_config.block_size == 64  # one KV page holds one key group
     assert cfg.cache_config.enable_prefix_caching is False
 
@@ -113,7 +114,6 @@ BAD_SPECS = [
     ({"draft_quantized_linears": ["qkv_proj", "lm_head"]}, "'draft_quantized_linears'"),
     ({"draft_quantized_linears": []}, "'draft_quantized_linears'"),
     ({"quantize_lm_head": "yes"}, "'quantize_lm_head'"),
-    ({"quantize_lm_head": True}, "not supported yet"),
 ]
 
 

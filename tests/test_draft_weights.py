@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from vllm_quantspec.draft_weights import (
+    DequantizedW4Linear,
+    W4A16Linear,
     W4Weight,
     dequantize,
+    int4_method,
     pack_int4,
     quantize_w4,
     rtn_int4,
@@ -95,37 +98,21 @@ def test_bad_group_size_is_refused():
         quantize_w4(torch.randn(8, 96), 64)
 
 
-def _vllm_w4a16_layer(w4: W4Weight, act_dtype, monkeypatch):
-    """A linear layer built by vLLM's CompressedTensorsWNA16 scheme (so choose_mp_linear_kernel
-    picks the kernel, CPUWNA16 here), loaded with our parameters and repacked by the kernel."""
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", [(64, 256, 128), (96, 192, 64)])
+def test_vllm_cpu_w4a16_kernel_matches_dequantized(act_dtype, n, k, group_size, monkeypatch):
+    """Our parameters through vLLM's own W4A16 scheme (its kernel choice: CPUWNA16 here), as the
+    draft's int4 lm_head runs (W4A16Linear; the draft's linears go through the same scheme)."""
     import vllm.model_executor.parameter as vllm_param
-    from vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_wNa16 import (
-        CompressedTensorsWNA16,
-    )
 
     # vLLM parameters read the tensor-parallel rank at construction: act as a single rank
     monkeypatch.setattr(vllm_param, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(vllm_param, "get_tensor_model_parallel_world_size", lambda: 1)
-    n, k = w4.shape
-    scheme = CompressedTensorsWNA16(strategy="group", num_bits=4, group_size=w4.group_size, symmetric=True)
-    layer = torch.nn.Module()
-    scheme.create_weights(layer, output_size=n, input_size=k, output_partition_sizes=[n],
-                          input_size_per_partition=k, params_dtype=act_dtype, weight_loader=None)
-    for name, tensor in w4.state_dict().items():
-        getattr(layer, name).data.copy_(tensor)
-    layer.bias = None
-    scheme.process_weights_after_loading(layer)
-    return scheme, layer
-
-
-@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,group_size", [(64, 256, 128), (96, 192, 64)])
-def test_vllm_cpu_w4a16_kernel_matches_dequantized(act_dtype, n, k, group_size, monkeypatch):
     w4 = quantize_w4(_weights("heavy", n, k).to(act_dtype), group_size)
-    scheme, layer = _vllm_w4a16_layer(w4, act_dtype, monkeypatch)
-    assert type(scheme.kernel).__name__ == "CPUWNA16LinearKernel"
+    head = int4_method(w4, act_dtype)
+    assert isinstance(head, W4A16Linear) and type(head.scheme.kernel).__name__ == "CPUWNA16LinearKernel"
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(2)).to(act_dtype)
-    y = scheme.apply_weights(layer, x, None)
+    y = head.apply(None, x)
     w = dequantize(w4)
     ref = x.float() @ w.T
     # the kernel may round the dequantized weight and its output to act_dtype: a few ulps of
@@ -133,3 +120,11 @@ def test_vllm_cpu_w4a16_kernel_matches_dequantized(act_dtype, n, k, group_size, 
     mag = x.float().abs() @ w.abs().T
     eps = torch.finfo(act_dtype).eps
     assert ((y.float() - ref).abs() <= 4 * eps * mag + 1e-6).all()
+
+
+def test_fp32_int4_method_is_the_dequantized_twin():
+    w4 = quantize_w4(_weights("heavy", 32, 128), 64)
+    head = int4_method(w4, torch.float32)
+    assert isinstance(head, DequantizedW4Linear)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(head.apply(None, x), x @ dequantize(w4).T)

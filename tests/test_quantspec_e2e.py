@@ -58,8 +58,8 @@ NEW_TOKENS = 128
 GAMMAS = (1, 3, 6)
 # γ = 3 drafts by sampling from the draft's distribution (vLLM's rejection sampler then uses the
 # draft probabilities); the others draft greedily (one-hot draft probabilities). Greedy requests
-# draft greedily either way.
-SPEC_OPTIONS = {3: {"draft_sample_method": "probabilistic"}}
+# draft greedily either way. γ = 6 gives the draft an int4 lm_head too.
+SPEC_OPTIONS = {3: {"draft_sample_method": "probabilistic"}, 6: {"quantize_lm_head": True}}
 FULL = os.environ.get("QUANTSPEC_E2E_FULL") == "1"
 # Batch-1 prompts per γ in CI (indices into hkv_engines.PROMPT_SPECS): 6, 15 and 32 tokens (within the
 # first groups), 100, 400 and 480 (many groups quantized at prefill); batch 8 covers all 16 per γ.
@@ -74,10 +74,12 @@ TIE_NATS = 1e-3
 MAX_TIES_PER_RUN = 1
 
 # Greedy acceptance floors, about 0.1 below what is measured here (batch 8 / batch 1: γ=1 0.90 / 0.83,
-# γ=3 0.79 / 0.84, γ=6 0.67 / 0.62). Greedy outputs are identical whatever the draft proposes, so this
-# is what catches a draft that reads the wrong cache rows, positions or weights (before the CPU
-# seq_lens aliasing fix, γ = 3 accepted 54% at batch 1).
-MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.50}
+# γ=3 0.79 / 0.84, γ=6 0.67 / 0.62 with the target's lm_head). Greedy outputs are identical whatever the
+# draft proposes, so this is what catches a draft that reads the wrong cache rows, positions or weights
+# (before the CPU seq_lens aliasing fix, γ = 3 accepted 54% at batch 1). γ = 6 runs with an int4
+# lm_head, which costs SmolLM2 much of its acceptance (4 prompts x 48 tokens: 0.37 against 0.58 with
+# the shared lm_head): its floor only says that the draft still proposes the target's text.
+MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.25}
 
 # Sampling: continuations of SAMPLE_TOKENS tokens, N_SAMPLES per configuration, against the target's
 # exact probabilities. Tokens 2 and 3 come from vLLM's rejection sampler (token 1 from the prefill).

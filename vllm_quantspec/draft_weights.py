@@ -101,3 +101,38 @@ class DequantizedW4Linear:
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, bias)
+
+
+class W4A16Linear:
+    """vLLM's own W4A16 kernel (the one its compressed-tensors WNA16 scheme picks: Machete / Marlin /
+    TritonW4A16 on GPU, CPUWNA16 on CPU) for a weight that is not one of the model's linear layers:
+    the draft's int4 lm_head. Stands in as that module's ``quant_method``."""
+
+    def __init__(self, w4: W4Weight, dtype: torch.dtype):
+        from vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_wNa16 import (
+            CompressedTensorsWNA16,
+        )
+
+        n, k = w4.shape
+        self.scheme = CompressedTensorsWNA16(strategy="group", num_bits=NUM_BITS, group_size=w4.group_size,
+                                             symmetric=True)
+        self.layer = torch.nn.Module()
+        with torch.device(w4.weight_packed.device):
+            self.scheme.create_weights(self.layer, output_size=n, input_size=k, output_partition_sizes=[n],
+                                       input_size_per_partition=k, params_dtype=dtype, weight_loader=None)
+        for name, tensor in w4.state_dict().items():
+            getattr(self.layer, name).data.copy_(tensor)
+        self.layer.bias = None  # the bias, if any, is passed to apply
+        self.scheme.process_weights_after_loading(self.layer)  # repack for the chosen kernel
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scheme.apply_weights(self.layer, x, bias)
+
+
+W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kernels take as activations
+
+
+def int4_method(w4: W4Weight, dtype: torch.dtype) -> W4A16Linear | DequantizedW4Linear:
+    """A ``quant_method`` computing x @ dequantize(w4).T: vLLM's kernel, or its torch twin for fp32."""
+    return W4A16Linear(w4, dtype) if dtype in W4A16_KERNEL_DTYPES else DequantizedW4Linear(w4, dtype)
+

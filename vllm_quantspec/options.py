@@ -145,9 +145,6 @@ def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dic
     lm_head = raw.get("quantize_lm_head", False)
     if not isinstance(lm_head, bool):
         raise _fail("quantize_lm_head", "expected true or false", lm_head)
-    if lm_head:
-        raise _fail("quantize_lm_head", "an int4 lm_head for the draft is not supported yet; the draft "
-                    "shares the target's lm_head (leave it false)", lm_head)
     opts["quantize_lm_head"] = lm_head
     vllm_kwargs = {k: raw[k] for k in VLLM_KEYS if k in raw}
     vllm_kwargs["num_speculative_tokens"] = opts["num_speculative_tokens"]

@@ -12,6 +12,7 @@ rejection sampler are reused; on a GPU each draft step replays one CUDA graph (`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -28,13 +29,12 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_quantspec.draft_graphs import DraftStepGraphs
-from vllm_quantspec.draft_weights import DequantizedW4Linear, quantize_w4
+from vllm_quantspec.draft_weights import W4A16_KERNEL_DTYPES, DequantizedW4Linear, int4_method, quantize_w4
 from vllm_quantspec.hierarchical_kv_backend import DRAFT_PREFIX
 from vllm_quantspec.options import DRAFT_LINEARS, METHOD, QuantSpecOptions
 
 logger = init_logger(__name__)
 
-W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kernels take as activations
 STASH = "quantspec_w4"  # attribute of a target linear holding its draft (int4) weight until the draft takes it
 
 # The unfused projections behind each fused linear of vLLM's decoder blocks (what compressed-tensors
@@ -66,7 +66,8 @@ def draft_quant_config(options: QuantSpecOptions) -> CompressedTensorsConfig:
     })
 
 
-def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: torch.dtype) -> int:
+def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: torch.dtype,
+                         lm_head_group: int | None = None) -> int:
     """Give the draft its int4 linears and share everything else with the target.
 
     The int4 weights were derived from the target's fp weights while the target loaded (patch P8:
@@ -74,7 +75,9 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
     read back afterwards). Every other module that owns parameters (embeddings, norms, lm_head,
     unquantized linears) is the target's own module object, which also keeps vLLM's per-platform
     GEMM setup. Draft and target are built from one config, so their module names match.
-    Returns the number of int4 linear layers.
+    With `lm_head_group`, the draft's lm_head is instead a copy of the target's (same vocabulary
+    shard, same tied weight) that computes with int4 weights RTN-quantized from it in groups of that
+    size. Returns the number of int4 linear layers (the lm_head included).
     """
     target_modules = dict(target.named_modules(remove_duplicate=False))
     quantized = 0
@@ -93,6 +96,13 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
         elif name and not isinstance(module, AttentionLayerBase) and next(module.parameters(False), None) is not None:
             parent, _, child = name.rpartition(".")
             setattr(draft.get_submodule(parent), child, target_modules[name])
+    if lm_head_group:
+        # a shallow copy shares the target's parameters; its own quant_method leaves the target's
+        # lm_head (or, when tied, its embedding) untouched
+        head = copy.copy(target_modules["lm_head"])
+        head.quant_method = int4_method(quantize_w4(head.weight.data, lm_head_group), activation_dtype)
+        draft.lm_head = head
+        quantized += 1
     return quantized
 
 
@@ -140,9 +150,11 @@ class QuantSpecProposer(QuantSpecDispatch):
         with (set_current_vllm_config(draft_config), set_model_tag("draft_model"),
               set_default_torch_dtype(draft_config.model_config.dtype), torch.device(self.device)):
             draft = initialize_model(vllm_config=draft_config, prefix="draft_model")
-        n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype)
-        logger.info("QuantSpec draft: %d linear layers int4 (group %d) derived from the target's weights",
-                    n, self.options.draft_weight_group_size)
+        group = self.options.draft_weight_group_size
+        n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype,
+                                 group if self.options.quantize_lm_head else None)
+        logger.info("QuantSpec draft: %d linear layers int4 (group %d%s) derived from the target's weights",
+                    n, group, ", lm_head included" if self.options.quantize_lm_head else "")
         return draft
 
     def load_model(self, target_model: nn.Module) -> None:
