@@ -330,7 +330,14 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.buffer = recent_buffer(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.buffer = recent_buffer(vllm_config)
+        # Bytes of the GPU prefill path's transient buffers at their largest: the fp16 workspace (K and
+        # V of a max_model_len sequence) and about four fp32 [tokens, heads, head_size] tensors of the
+        # merge for a full step. Allocated and freed in vLLM's profiling forward, so the KV pool leaves room.
+        tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.prefill_scratch_bytes = (2 * 2 * vllm_config.model_config.max_model_len * self.num_kv_heads * head_size
+                                      + 4 * 4 * tokens * num_heads * head_size)
         self.layout: HierarchicalPageLayout | None = None
         self.ops = None
 
@@ -345,6 +352,8 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
         # Created during vLLM's profiling forward, so the KV pool is sized after it.
         k_ring, v_ring = self.buffer.ring(target_name, self.num_kv_heads, self.head_size, key.dtype, key.device)
         if attn_metadata is None:  # profiling run
+            if key.is_cuda and not is_draft:
+                torch.empty(self.prefill_scratch_bytes, dtype=torch.uint8, device=key.device)
             return output
         if self.layout is None:
             v_group = self.buffer.config.v_group
