@@ -77,9 +77,9 @@ MAX_TIES_PER_RUN = 1
 # γ=3 0.79 / 0.84, γ=6 0.67 / 0.62 with the target's lm_head). Greedy outputs are identical whatever the
 # draft proposes, so this is what catches a draft that reads the wrong cache rows, positions or weights
 # (before the CPU seq_lens aliasing fix, γ = 3 accepted 54% at batch 1). γ = 6 runs with an int4
-# lm_head, which costs SmolLM2 much of its acceptance (4 prompts x 48 tokens: 0.37 against 0.58 with
+# lm_head, which costs SmolLM2 much of its acceptance (0.50 / 0.45 measured, against 0.67 / 0.62 with
 # the shared lm_head): its floor only says that the draft still proposes the target's text.
-MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.25}
+MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.35}
 
 # Sampling: continuations of SAMPLE_TOKENS tokens, N_SAMPLES per configuration, against the target's
 # exact probabilities. Tokens 2 and 3 come from vLLM's rejection sampler (token 1 from the prefill).
