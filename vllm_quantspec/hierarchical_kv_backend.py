@@ -8,9 +8,14 @@ full-precision ring (``recent_buffer``). Target layers read pages as INT8 (both 
 Per layer and step, in this order: complete, verified groups are flushed from the ring (or, in
 prefill, from the new K/V) into their pages; attention reads, for a query at position t, pages below
 Q(t) and full-precision keys from Q(t) on (the ring below the step's context C, the layer's input
-from C); last, the new K/V go to the ring. Writing
-last matters: a long prefill chunk wraps the ring, and the flush and the attention still need the
-context rows it overwrites. Only the target flushes, and only verified tokens.
+from C); last, the new K/V go to the ring. Writing last matters: a long prefill chunk wraps the
+ring, and the flush and the attention still need the context rows it overwrites. Only the target
+flushes, and only verified tokens.
+
+Kernels: on a GPU, decode and verify steps run our Triton paged kernel and replay as full CUDA
+graphs (the metadata builder keeps their indices in persistent buffers); prefill steps run
+FlashAttention-3 over a dequantized workspace (``kernels/prefill_attention.py``). On a CPU every
+step runs the torch reference.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_quantspec import hierarchical_kv, reference_attention
-from vllm_quantspec.kernels.prefill_attention import PrefillPlan, plan_prefill, prefill_attention
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
+from vllm_quantspec.kernels.prefill_attention import PrefillPlan, plan_prefill, prefill_attention
 from vllm_quantspec.options import KV_GROUP_SIZES
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig, recent_buffer
 
