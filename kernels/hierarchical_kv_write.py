@@ -9,7 +9,8 @@ match the reference bit for bit; the tests still allow a code to differ where th
 quotient sits within 1 ulp of a rounding boundary (a .5 tie for U, an integer for L), in case a
 compiler contracts or reorders one step.
 
-Two programs kinds, both tiny and not on the decode path (a flush runs once every G steps):
+Two program kinds, both tiny; on a decode step nearly every program exits at once (its group is
+a skipped entry of the fixed-length list: a request flushes once every G tokens):
   keys:   grid (n, H, D // BLOCK_DK): all G tokens of BLOCK_DK channels (min/max over tokens);
   values: grid (n, H, G // BLOCK_T):  BLOCK_T tokens of all D channels (min/max over v_group).
 Nibble packing: element 2i in the low nibble, 2i+1 in the high one, so each program handles the
@@ -75,6 +76,9 @@ def _write_keys_kernel(
     j = tl.program_id(0)
     h = tl.program_id(1)
     cb = tl.program_id(2)
+    blk = tl.load(blocks_ptr + j).to(tl.int64)
+    if blk < 0:  # a skipped group: most entries of a decode step's fixed-length list
+        return
     t = tl.arange(0, G)
     i = cb * (BLOCK_DK // 2) + tl.arange(0, BLOCK_DK // 2)  # packed byte index = channel pair
     rows = tl.load(rows_ptr + j * s_rows + t).to(tl.int64)
@@ -90,16 +94,14 @@ def _write_keys_kernel(
     hie, loe = _codes(xe, mne[None, :], se[None, :])
     hio, loo = _codes(xo, mno[None, :], so[None, :])
 
-    blk = tl.load(blocks_ptr + j).to(tl.int64)
-    ok = blk >= 0  # a skipped group stores nothing
     p_off = blk * p_blk + h * p_head + t[:, None] * p_tok + i[None, :]
-    tl.store(hi_ptr + p_off, hie | (hio << 4), mask=ok)
-    tl.store(lo_ptr + p_off, loe | (loo << 4), mask=ok)
+    tl.store(hi_ptr + p_off, hie | (hio << 4))
+    tl.store(lo_ptr + p_off, loe | (loo << 4))
     m_off = blk * m_blk + h * m_head + 2 * i
-    tl.store(sc_ptr + m_off, se, mask=ok)
-    tl.store(sc_ptr + m_off + 1, so, mask=ok)
-    tl.store(mn_ptr + m_off, mne, mask=ok)
-    tl.store(mn_ptr + m_off + 1, mno, mask=ok)
+    tl.store(sc_ptr + m_off, se)
+    tl.store(sc_ptr + m_off + 1, so)
+    tl.store(mn_ptr + m_off, mne)
+    tl.store(mn_ptr + m_off + 1, mno)
 
 
 @triton.jit
@@ -114,6 +116,9 @@ def _write_values_kernel(
     j = tl.program_id(0)
     h = tl.program_id(1)
     tb = tl.program_id(2)
+    blk = tl.load(blocks_ptr + j).to(tl.int64)
+    if blk < 0:
+        return
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.arange(0, NG)
     i = tl.arange(0, VG // 2)
@@ -130,14 +135,12 @@ def _write_values_kernel(
     hie, loe = _codes(xe, mn[:, :, None], s[:, :, None])
     hio, loo = _codes(xo, mn[:, :, None], s[:, :, None])
 
-    blk = tl.load(blocks_ptr + j).to(tl.int64)
-    ok = blk >= 0
     p_off = blk * p_blk + h * p_head + t[:, None, None] * p_tok + pair
-    tl.store(hi_ptr + p_off, hie | (hio << 4), mask=ok)
-    tl.store(lo_ptr + p_off, loe | (loo << 4), mask=ok)
+    tl.store(hi_ptr + p_off, hie | (hio << 4))
+    tl.store(lo_ptr + p_off, loe | (loo << 4))
     m_off = blk * m_blk + h * m_head + t[:, None] * m_tok + g[None, :]
-    tl.store(sc_ptr + m_off, s, mask=ok)
-    tl.store(mn_ptr + m_off, mn, mask=ok)
+    tl.store(sc_ptr + m_off, s)
+    tl.store(mn_ptr + m_off, mn)
 
 
 def write_groups(pages: torch.Tensor, layout, src_k: torch.Tensor, src_v: torch.Tensor,
