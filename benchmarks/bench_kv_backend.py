@@ -6,8 +6,8 @@ and the perplexity measured by ppl.py.
     python benchmarks/bench_kv_backend.py --ppl ... --from-e2e benchmarks/results/e2e-h200-run1.json
 
 Runs bench_e2e.py's synthetic part for the three methods (one engine each, same timing rule), or takes
-their rows from an earlier bench_e2e.py result, then writes kv-backend-<gpu>.json ({"device","vllm","torch","command","date","rows","kv_tokens","ppl"}),
-a markdown table and a PNG.
+their rows from an earlier bench_e2e.py result, then writes kv-backend-<gpu>.json
+({"device","vllm","torch","command","date","rows","kv_tokens","ppl"}), a markdown table and a PNG.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Same semantics as ``vllm_quantspec.hierarchical_kv.write_groups`` (the write contract of the design
 brief): group j is the G source rows ``src_rows[j]`` (token order) of ``src_k``/``src_v`` and goes to
-page ``dest_blocks[j]``; a negative block skips the group (fixed-length, CUDA-graph-safe flush lists). Keys are quantized per channel over the G tokens, values per token over
-``v_group`` consecutive channels. Every float operation mirrors the reference in fp32 with IEEE
+page ``dest_blocks[j]``; a negative block skips the group (fixed-length, CUDA-graph-safe flush
+lists). Keys are quantized per channel over the G tokens, values per token over ``v_group``
+consecutive channels. Every float operation mirrors the reference in fp32 with IEEE
 rounding (``div_rn``; ``s16*hi`` is exact because s16 has 11 significant bits and hi 4), so the codes
 match the reference bit for bit; the tests still allow a code to differ where the reference's
 quotient sits within 1 ulp of a rounding boundary (a .5 tie for U, an integer for L), in case a

@@ -44,7 +44,7 @@ def test_ring_destinations_match_the_rule():
                                              (128, 8, 128)])
 def test_decode_flush_lists_every_group_of_the_rule_once(G, gamma, fp_min):
     """For decode and verify queries (<= γ + 1 tokens, what the builder sends this way) the fixed list
-    holds exactly the groups of flush_range, each with its ring rows, and flush_slots = 2γ // G + 1
+    holds exactly the groups of flush_range, each with its ring rows, and decode_flush_groups = 2γ // G + 1
     entries always suffice (a first version admitted queries of fp_keep + 1 tokens: 2 groups, 1 slot)."""
     cfg, rng = _config(G, gamma, fp_min), random.Random(G + gamma)
     per_request = 2 * gamma // G + 1
@@ -56,7 +56,8 @@ def test_decode_flush_lists_every_group_of_the_rule_once(G, gamma, fp_min):
         qsl, seq_lens, _ = _batch(rng, q_lens, ctxs, pad_reqs=2)
         slot = torch.tensor(rng.sample(range(cfg.num_slots), n) + [cfg.num_slots] * 2, dtype=torch.int32)
         block_table = torch.randperm(1000)[: (n + 2) * 30].view(n + 2, 30).int()
-        rows, blocks = decode_flush(qsl, seq_lens, block_table, slot, cfg, per_request)
+        assert cfg.decode_flush_groups == per_request
+        rows, blocks = decode_flush(qsl, seq_lens, block_table, slot, cfg)
         assert rows.shape == ((n + 2) * per_request, G) and blocks.shape == ((n + 2) * per_request,)
         got = {(int(blk), tuple(r)) for blk, r in zip(blocks.tolist(), rows.tolist()) if blk >= 0}
         want = set()

@@ -179,13 +179,13 @@ def ring_destinations(qsl: torch.Tensor, seq_lens: torch.Tensor, slot: torch.Ten
 
 
 def decode_flush(qsl: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, slot: torch.Tensor,
-                 config: HierarchicalKVConfig, per_request: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode or verify step's flush, as `per_request` fixed entries per request: source ring rows
-    [n * per_request, G] and pages [n * per_request] (-1: no group). Request b flushes the groups
+                 config: HierarchicalKVConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode or verify step's flush, as k = config.decode_flush_groups fixed entries per request:
+    source ring rows [n * k, G] and pages [n * k] (-1: no group). Request b flushes the groups
     [Q(C - γ - 1), Q(seq_len - 1)) (HierarchicalKVConfig.flush_range): for a query of at most γ + 1
-    tokens that range is verified (below C, by fp_keep >= γ), still in the ring, and at most
-    2γ // G + 1 groups long (it spans q + γ <= 2γ + 1 positions)."""
-    g, cap = config.group_size, config.capacity
+    tokens that range is verified (below C, by fp_keep >= γ), still in the ring, and at most k
+    groups long."""
+    g, cap, per_request = config.group_size, config.capacity, config.decode_flush_groups
     seq = seq_lens.long()
     ctx = seq - (qsl[1:] - qsl[:-1]).long()
     lo = reference_attention.quantized_len(ctx - config.gamma - 1, g, config.fp_keep)
@@ -201,7 +201,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
     """Builds the step's ring and flush indices on the device, without a host sync.
 
     Decode and verify steps (every query length <= γ + 1) flush only from the ring, at most
-    ``flush_slots`` groups per request: their indices have a fixed shape and are written into
+    ``decode_flush_groups`` groups per request: their indices have a fixed shape and are written into
     persistent buffers, so vLLM can capture and replay those steps as full CUDA graphs (uniform
     batches). Steps with longer queries (prefill chunks) run eagerly and may flush any number of
     groups, partly from the new tokens.
@@ -217,8 +217,6 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         self.device = device
         # verify steps (1 + γ query tokens) are decodes, not prefills
         self._init_reorder_batch_threshold(1 + cfg.gamma, supports_spec_as_decode=True)
-        # A decode step's flush covers [Q(C - γ - 1), Q(C + γ)): at most this many groups.
-        self.flush_slots = 2 * cfg.gamma // cfg.group_size + 1
         sched = vllm_config.scheduler_config
         # rows and tokens of any step, CUDA-graph padding included (capture sizes count tokens)
         max_reqs = max(sched.max_num_seqs, sched.max_num_batched_tokens)
@@ -230,8 +228,8 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
         self._tokens = torch.arange(max_tokens, **i64)
-        self._flush_rows = torch.zeros(max_reqs * self.flush_slots, cfg.group_size, **i64)
-        self._flush_blocks = torch.zeros(max_reqs * self.flush_slots, dtype=torch.int32, device=device)
+        self._flush_rows = torch.zeros(max_reqs * cfg.decode_flush_groups, cfg.group_size, **i64)
+        self._flush_blocks = torch.zeros(max_reqs * cfg.decode_flush_groups, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HierarchicalKVMetadata:
@@ -271,7 +269,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         to the device only when the batch's slots change (from pageable memory: the host list may
         change again before the copy runs)."""
         slots = self.buffer.slots_for_batch(n)
-        if slots != self._slot_host[:n] or len(self._slot_host) < n:
+        if slots != self._slot_host[:n]:  # a shorter cached list never compares equal
             self._slot[:n].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
             self._slot_host = slots
         return self._slot[:n]
@@ -283,9 +281,8 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         return self._ring_dst[:t].copy_(rows) if t <= self._ring_dst.numel() else rows
 
     def _decode_flush(self, md: HierarchicalKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        m = md.num_reqs * self.flush_slots
-        rows, blocks = decode_flush(md.query_start_loc, md.seq_lens, md.block_table, md.ring_slot, self.config,
-                                    self.flush_slots)
+        m = md.num_reqs * self.config.decode_flush_groups
+        rows, blocks = decode_flush(md.query_start_loc, md.seq_lens, md.block_table, md.ring_slot, self.config)
         return self._flush_rows[:m].copy_(rows), self._flush_blocks[:m].copy_(blocks)
 
     def _prefill_flush(self, md: HierarchicalKVMetadata, cm: CommonAttentionMetadata) -> None:

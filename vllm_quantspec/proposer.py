@@ -1,7 +1,8 @@
 """The QuantSpec proposer: the target model itself, with int4 weights, reading the INT4 plane.
 
 It runs on vLLM's draft-model runner path (patches P3/P4), so vLLM's scheduler, lookahead slots and
-rejection sampler are reused; on a GPU each draft step replays one CUDA graph (``draft_graphs``). What differs from vLLM's DraftModelProposer:
+rejection sampler are reused; on a GPU each draft step replays one CUDA graph (``draft_graphs``).
+What differs from vLLM's DraftModelProposer:
 - the draft is built from the *target's* config and its weights are derived in memory from the
   target's loaded weights (``draft_weights``): no second checkpoint, no disk I/O;
 - its attention layers share the target's KV cache (vLLM KV sharing) and read it in INT4 mode; their

@@ -49,6 +49,12 @@ class HierarchicalKVConfig:
         then takes its own up to C + γ: that is G + fp_keep + 2γ + 1 positions."""
         return self.group_size + self.fp_keep + 2 * self.gamma + 1
 
+    @property
+    def decode_flush_groups(self) -> int:
+        """Most groups a decode or verify step (at most γ + 1 query tokens) flushes per request:
+        its flush_range spans q + γ <= 2γ + 1 positions, so 2γ // G + 1 group starts."""
+        return 2 * self.gamma // self.group_size + 1
+
     def flush_range(self, context_len: int, seq_len: int) -> tuple[int, int]:
         """Positions [lo, hi) to quantize into pages in a target step over positions
         context_len..seq_len-1: its last query reads pages up to hi = quantized_len(seq_len - 1),
