@@ -10,10 +10,11 @@ match the reference bit for bit; the tests still allow a code to differ where th
 quotient sits within 1 ulp of a rounding boundary (a .5 tie for U, an integer for L), in case a
 compiler contracts or reorders one step.
 
-Two program kinds, both tiny; on a decode step nearly every program exits at once (its group is
-a skipped entry of the fixed-length list: a request flushes once every G tokens):
-  keys:   grid (n, H, D // BLOCK_DK): all G tokens of BLOCK_DK channels (min/max over tokens);
-  values: grid (n, H, G // BLOCK_T):  BLOCK_T tokens of all D channels (min/max over v_group).
+Two program kinds in one launch (grid (n, H, D // BLOCK_DK + G // BLOCK_T)), both tiny; on a decode
+step nearly every program exits at once (its group is a skipped entry of the fixed-length list: a
+request flushes once every G tokens):
+  keys:   D // BLOCK_DK programs per group and head: all G tokens of BLOCK_DK channels (min/max over tokens);
+  values: G // BLOCK_T programs per group and head: BLOCK_T tokens of all D channels (min/max over v_group).
 Nibble packing: element 2i in the low nibble, 2i+1 in the high one, so each program handles the
 even and the odd channels as two streams and packs them without a shuffle.
 """
@@ -66,23 +67,39 @@ def _scale(mn16, mx):
 
 
 @triton.jit
-def _write_keys_kernel(
-    src_ptr, s_tok, s_head,             # src [N, H, D]
-    rows_ptr, s_rows,                   # src_rows [n, G]
-    blocks_ptr,                         # dest_blocks [n]
-    hi_ptr, lo_ptr, p_blk, p_head, p_tok,            # k_hi / k_lo [nb, H, G, D/2] (same strides)
-    sc_ptr, mn_ptr, m_blk, m_head,                   # k_scale / k_min [nb, H, D]
-    G: tl.constexpr, BLOCK_DK: tl.constexpr,
+def _write_groups_kernel(
+    k_ptr, sk_tok, sk_head, v_ptr, sv_tok, sv_head,  # src_k / src_v [N, H, D]
+    rows_ptr, s_rows,                                # src_rows [n, G]
+    blocks_ptr,                                      # dest_blocks [n]
+    khi_ptr, klo_ptr, p_blk, p_head, p_tok,          # k_hi / k_lo [nb, H, G, D/2]
+    ksc_ptr, kmn_ptr, km_blk, km_head,               # k_scale / k_min [nb, H, D]
+    vhi_ptr, vlo_ptr,                                # v_hi / v_lo [nb, H, G, D/2] (k's strides)
+    vsc_ptr, vmn_ptr, vm_blk, vm_head, vm_tok,       # v_scale / v_min [nb, H, G, D/VG]
+    G: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_KEY_PROGRAMS: tl.constexpr,
+    NG: tl.constexpr, VG: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """One launch for both kinds: grid axis 2 is NUM_KEY_PROGRAMS key programs, then value ones."""
     j = tl.program_id(0)
     h = tl.program_id(1)
-    cb = tl.program_id(2)
+    c = tl.program_id(2)
     blk = tl.load(blocks_ptr + j).to(tl.int64)
     if blk < 0:  # a skipped group: most entries of a decode step's fixed-length list
         return
+    if c < NUM_KEY_PROGRAMS:
+        _write_keys(k_ptr, sk_tok, sk_head, rows_ptr + j * s_rows, blk, h, c, khi_ptr, klo_ptr, p_blk, p_head,
+                    p_tok, ksc_ptr, kmn_ptr, km_blk, km_head, G, BLOCK_DK)
+    else:
+        _write_values(v_ptr, sv_tok, sv_head, rows_ptr + j * s_rows, blk, h, c - NUM_KEY_PROGRAMS, vhi_ptr,
+                      vlo_ptr, p_blk, p_head, p_tok, vsc_ptr, vmn_ptr, vm_blk, vm_head, vm_tok, NG, VG, BLOCK_T)
+
+
+@triton.jit
+def _write_keys(src_ptr, s_tok, s_head, rows_ptr, blk, h, cb, hi_ptr, lo_ptr, p_blk, p_head, p_tok,
+                sc_ptr, mn_ptr, m_blk, m_head, G: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """All G tokens of BLOCK_DK channels of group `rows_ptr` (min/max over tokens)."""
     t = tl.arange(0, G)
     i = cb * (BLOCK_DK // 2) + tl.arange(0, BLOCK_DK // 2)  # packed byte index = channel pair
-    rows = tl.load(rows_ptr + j * s_rows + t).to(tl.int64)
+    rows = tl.load(rows_ptr + t).to(tl.int64)
     base = src_ptr + rows[:, None] * s_tok + h * s_head
     xe = tl.load(base + 2 * i[None, :]).to(tl.float32)
     xo = tl.load(base + 2 * i[None, :] + 1).to(tl.float32)
@@ -106,26 +123,15 @@ def _write_keys_kernel(
 
 
 @triton.jit
-def _write_values_kernel(
-    src_ptr, s_tok, s_head,             # src [N, H, D]
-    rows_ptr, s_rows,                   # src_rows [n, G]
-    blocks_ptr,                         # dest_blocks [n]
-    hi_ptr, lo_ptr, p_blk, p_head, p_tok,            # v_hi / v_lo [nb, H, G, D/2]
-    sc_ptr, mn_ptr, m_blk, m_head, m_tok,            # v_scale / v_min [nb, H, G, D/VG]
-    NG: tl.constexpr, VG: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    j = tl.program_id(0)
-    h = tl.program_id(1)
-    tb = tl.program_id(2)
-    blk = tl.load(blocks_ptr + j).to(tl.int64)
-    if blk < 0:
-        return
+def _write_values(src_ptr, s_tok, s_head, rows_ptr, blk, h, tb, hi_ptr, lo_ptr, p_blk, p_head, p_tok,
+                  sc_ptr, mn_ptr, m_blk, m_head, m_tok, NG: tl.constexpr, VG: tl.constexpr, BLOCK_T: tl.constexpr):
+    """BLOCK_T tokens of all D channels of group `rows_ptr` (min/max over each v_group)."""
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.arange(0, NG)
     i = tl.arange(0, VG // 2)
     # [BLOCK_T, NG, VG/2] tiles: channel pair (g*VG/2 + i) holds channels 2(g*VG/2 + i) and +1.
     pair = g[None, :, None] * (VG // 2) + i[None, None, :]
-    rows = tl.load(rows_ptr + j * s_rows + t).to(tl.int64)
+    rows = tl.load(rows_ptr + t).to(tl.int64)
     base = src_ptr + rows[:, None, None] * s_tok + h * s_head
     xe = tl.load(base + 2 * pair).to(tl.float32)
     xo = tl.load(base + 2 * pair + 1).to(tl.float32)
@@ -157,12 +163,12 @@ def write_groups(pages: torch.Tensor, layout, src_k: torch.Tensor, src_v: torch.
     assert D % VG == 0 and VG % 2 == 0 and triton.next_power_of_2(G) == G
     pv = layout.views(pages)
     block_dk = min(D, 32)  # 32 channels x G tokens per program keeps the fp32 tile in registers
-    _write_keys_kernel[(n, H, D // block_dk)](
-        src_k, src_k.stride(0), src_k.stride(1), src_rows, src_rows.stride(0), dest_blocks,
-        pv.k_hi, pv.k_lo, *pv.k_hi.stride()[:3], pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
-        G=G, BLOCK_DK=block_dk)
     block_t = min(G, max(1, 4096 // D))
-    _write_values_kernel[(n, H, G // block_t)](
-        src_v, src_v.stride(0), src_v.stride(1), src_rows, src_rows.stride(0), dest_blocks,
-        pv.v_hi, pv.v_lo, *pv.v_hi.stride()[:3], pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
-        NG=D // VG, VG=VG, BLOCK_T=block_t)
+    n_key = D // block_dk
+    assert pv.v_hi.stride() == pv.k_hi.stride()
+    _write_groups_kernel[(n, H, n_key + G // block_t)](
+        src_k, src_k.stride(0), src_k.stride(1), src_v, src_v.stride(0), src_v.stride(1),
+        src_rows, src_rows.stride(0), dest_blocks,
+        pv.k_hi, pv.k_lo, *pv.k_hi.stride()[:3], pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
+        pv.v_hi, pv.v_lo, pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
+        G=G, BLOCK_DK=block_dk, NUM_KEY_PROGRAMS=n_key, NG=D // VG, VG=VG, BLOCK_T=block_t)

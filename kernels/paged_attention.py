@@ -235,6 +235,22 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
 
 
 @triton.jit
+def _write_ring(kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h, kr_ptr, vr_ptr, sr_r, sr_h, rd_ptr,
+                q0, q_len, qb, h, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Copy the query block's new K/V of kv head h to their ring rows (the backend's ring write,
+    fused: two launches less per layer and step). Safe next to the reads of the other programs: the
+    ring's capacity keeps every row this step reads clear of the rows it writes."""
+    j = tl.arange(0, BLOCK_M)
+    qi = qb * BLOCK_Q + j
+    ok = ((j < BLOCK_Q) & (qi < q_len))[:, None]
+    tok = (q0 + qi).to(tl.int64)
+    d = tl.arange(0, D)[None, :]
+    dst = (tl.load(rd_ptr + tok, mask=qi < q_len, other=0) * sr_r + h * sr_h)[:, None] + d
+    tl.store(kr_ptr + dst, tl.load(kn_ptr + tok[:, None] * skn_t + h * skn_h + d, mask=ok), mask=ok)
+    tl.store(vr_ptr + dst, tl.load(vn_ptr + tok[:, None] * svn_t + h * svn_h + d, mask=ok), mask=ok)
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, sq_t, sq_h,                          # q [T, Hq, D]
     kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h,  # k_new / v_new [T, H, D]
@@ -245,10 +261,12 @@ def _paged_attention_kernel(
     vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,                    # v_scale / v_min [nb, H, G, D/VG]
     out_ptr, so_t, so_h,                        # out [T, Hq, D]
     po_ptr, plse_ptr,                           # partials [T, Hq, num_splits, D] fp32, [T, Hq, num_splits]
+    rd_ptr,                                     # ring_dst [T] i64: flat ring row of each new token
     qk_scale, R, num_splits,
     HQ: tl.constexpr, GRP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     FP_W: tl.constexpr, DIRECT: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
+    WRITE_RING: tl.constexpr,
 ):
     split = tl.program_id(0) % num_splits
     qb = tl.program_id(0) // num_splits
@@ -271,6 +289,10 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * sq_t + hq[:, None] * sq_h + tl.arange(0, D)[None, :],
                 mask=row_ok[:, None], other=0.0)
     q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, D // 2, 2]))  # kept in the model dtype: fewer registers
+    if WRITE_RING:
+        if split == 0:
+            _write_ring(kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h, kr_ptr, vr_ptr, sr_r, sr_h, rd_ptr,
+                        q0, q_len, qb, h, D, BLOCK_Q, BLOCK_M)
 
     # Query t reads keys p < Q(t) = ((t - fp_keep)+ // G) * G from pages, Q(t) <= p <= t in full
     # precision. Over this query block: pages [0, q_hi), full precision [q_lo, kv_end); in the
@@ -401,11 +423,15 @@ def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 2
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
-                    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                    ring_dst: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                    num_warps: int | None = None,
                     num_stages: int = 2):
     """Triton twin of the reference attention (same arguments and result). `max_query_len` /
     `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
-    device sync; `num_splits` overrides the split-K heuristic. The defaults of the launch parameters
+    device sync; `num_splits` overrides the split-K heuristic. With `ring_dst` (int64 [T], flat rows of
+    the rings viewed as [slots * R, H, D]) the kernel also writes the new K/V to the ring, as the
+    backend's ring write would after the attention (only for queries short enough that the ring holds
+    them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
     are the fastest measured on an H100: decode/verify (M <= 32 rows) 4 warps over 128-token tiles,
     prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills)."""
     assert mode in ("int4", "int8"), mode
@@ -438,6 +464,11 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     block_f = 32
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
+    write_ring = ring_dst is not None
+    if write_ring:
+        assert ring_dst.dtype == torch.int64 and k_ring.is_contiguous() and v_ring.is_contiguous()
+        # rows read: from Q(first query) >= C - fp_keep - G + 1; rows written: up to C + q_len - 1
+        assert max_query_len + fp_keep + G <= k_ring.shape[1] + 1, "the ring write would overwrite rows read"
     if num_splits > 1:
         po = torch.empty(T, HQ, num_splits, D, dtype=torch.float32, device=q.device)
         plse = torch.empty(T, HQ, num_splits, dtype=torch.float32, device=q.device)
@@ -452,11 +483,11 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3],
         pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
         pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
-        out, out.stride(0), out.stride(1), po, plse,
+        out, out.stride(0), out.stride(1), po, plse, ring_dst if write_ring else seq_lens,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
         HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_F=block_f, FP_W=_fp_weight(mode, block_f, block_n),
-        DIRECT=num_splits == 1, INT8=mode == "int8", EMULATE=_interpreting(),
+        DIRECT=num_splits == 1, INT8=mode == "int8", EMULATE=_interpreting(), WRITE_RING=write_ring,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), num_splits, HQ=HQ, D=D,

@@ -155,6 +155,29 @@ def test_ring_larger_than_needed():
     _check(args, "int8")
 
 
+@pytest.mark.parametrize("mode,num_splits", [("int4", 1), ("int8", 3)])
+def test_fused_ring_write(mode, num_splits):
+    """With ring_dst the kernel also writes the new K/V to their ring rows: the attention is still
+    the one over the ring as it was (the smallest ring that allows the write, so the written rows wrap
+    onto rows just below the oldest one read), and the ring ends up as the backend's index_copy_
+    would leave it."""
+    q_lens, ctxs, keep, G = [1, 5, 9, 2], [70, 44, 100, 16], 16, 16
+    R = max(q_lens) + keep + G - 1
+    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=R, seed=7)
+    dst = torch.cat([slot * R + torch.arange(c, c + q) % R
+                     for slot, c, q in zip(args["ring_slot"].tolist(), ctxs, q_lens)]).to(DEVICE)
+    flat = {k: args[k].clone().view(-1, *args[k].shape[2:]) for k in ("k_ring", "v_ring")}
+    flat["k_ring"].index_copy_(0, dst, args["k_new"])
+    flat["v_ring"].index_copy_(0, dst, args["v_new"])
+    ring_args = dict(args, k_ring=args["k_ring"].clone(), v_ring=args["v_ring"].clone())
+    _check(ring_args, mode, num_splits=num_splits, ring_dst=dst)  # reference taken before the kernel runs
+    for k in ("k_ring", "v_ring"):
+        assert torch.equal(ring_args[k].view_as(flat[k]), flat[k])
+    with pytest.raises(AssertionError, match="overwrite"):
+        paged_attention(**dict(args, mode=mode, k_ring=args["k_ring"][:, :R - 1].contiguous(),
+                               v_ring=args["v_ring"][:, :R - 1].contiguous()), ring_dst=dst)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
 def test_splits_including_empty(num_splits):
     """More splits than units: empty splits must merge as exact zeros."""

@@ -9,8 +9,9 @@ Per layer and step, in this order: complete, verified groups are flushed from th
 prefill, from the new K/V) into their pages; attention reads, for a query at position t, pages below
 Q(t) and full-precision keys from Q(t) on (the ring below the step's context C, the layer's input
 from C); last, the new K/V go to the ring. Writing last matters: a long prefill chunk wraps the
-ring, and the flush and the attention still need the context rows it overwrites. Only the target
-flushes, and only verified tokens.
+ring, and the flush and the attention still need the context rows it overwrites. (A query of at most
+γ + 1 tokens cannot wrap onto the rows it reads, so on a GPU the paged kernel writes its K/V while it
+attends, saving two launches per layer.) Only the target flushes, and only verified tokens.
 
 Kernels: on a GPU, decode and verify steps run our Triton paged kernel and replay as full CUDA
 graphs (the metadata builder keeps their indices in persistent buffers); prefill steps run
@@ -347,7 +348,8 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
                 kv_cache: torch.Tensor, attn_metadata: HierarchicalKVMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Flush, attention, ring write. Decode steps issue the same launches with the same shapes
+        """Flush, attention, ring write (on a GPU, outside prefill steps, the attention kernel's own).
+        Decode steps issue the same launches with the same shapes
         every step (no host decision depends on the step's data), so a CUDA graph can replay them."""
         is_draft = layer.layer_name.startswith(DRAFT_PREFIX)
         target_name = layer.layer_name[len(DRAFT_PREFIX):] if is_draft else layer.layer_name
@@ -370,12 +372,14 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
         args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
                 k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        if md.prefill_plan is not None and not is_draft:
-            prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
-        elif attention is reference_attention.attention:
+        if md.prefill_plan is None or is_draft:
+            if attention is not reference_attention.attention:  # the kernel also writes the ring
+                attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
+                          ring_dst=md.ring_dst)
+                return output
             output[:t].copy_(attention(*args))
         else:
-            attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t])
+            prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
         flat_k.index_copy_(0, md.ring_dst, k)
         flat_v.index_copy_(0, md.ring_dst, v)
         return output
