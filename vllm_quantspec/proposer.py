@@ -132,9 +132,13 @@ class QuantSpecProposer(QuantSpecDispatch):
 
     def _create_draft_vllm_config(self) -> VllmConfig:
         base = super()._create_draft_vllm_config()
+        kernel_config = base.kernel_config
+        if self.options.draft_linear_backend != "auto":  # read by vLLM's W4A16 kernel choice
+            kernel_config = replace(kernel_config, linear_backend=self.options.draft_linear_backend)
         return replace(
             base,
             quant_config=draft_quant_config(self.options),
+            kernel_config=kernel_config,
             attention_config=replace(base.attention_config, backend=AttentionBackendEnum.CUSTOM),
             # vLLM keys its AOT torch.compile cache on the config hash and the forward's source, not on
             # the model tag: without this the draft (same config, same code) would load the target's
@@ -152,10 +156,12 @@ class QuantSpecProposer(QuantSpecDispatch):
               set_default_torch_dtype(draft_config.model_config.dtype), torch.device(self.device)):
             draft = initialize_model(vllm_config=draft_config, prefix="draft_model")
         group = self.options.draft_weight_group_size
-        n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype,
-                                 group if self.options.quantize_lm_head else None)
-        logger.info("QuantSpec draft: %d linear layers int4 (group %d%s) derived from the target's weights",
-                    n, group, ", lm_head included" if self.options.quantize_lm_head else "")
+        with set_current_vllm_config(draft_config):  # an int4 lm_head picks its kernel as the draft's linears
+            n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype,
+                                     group if self.options.quantize_lm_head else None)
+        logger.info("QuantSpec draft: %d linear layers int4 (group %d%s, linear backend %s) derived from the "
+                    "target's weights", n, group, ", lm_head included" if self.options.quantize_lm_head else "",
+                    self.options.draft_linear_backend)
         return draft
 
     def load_model(self, target_model: nn.Module) -> None:

@@ -1,0 +1,68 @@
+#!/bin/bash
+# The GPU runs behind benchmarks/results/*-h200*, one step per device call (each at most 10 minutes; the
+# machine stays warm 30 s between calls, so the steps run back to back). Every step writes its results to
+# /tmp/runs, which lasts while the machine stays warm (a later step resumes from it), and copies them to
+# $OUT, which comes back.
+#
+#   calls 1-3 (carrying .gpu/p1, p2, p3): bash .gpu/pN/stage.sh; the third then runs `kernels`
+#   call 4 (carrying .gpu/m1):            bash .gpu/m1/stage.sh && bash benchmarks/gpu_runs.sh plain
+#   call 5 (carrying .gpu/m2):            bash .gpu/m2/stage.sh && bash benchmarks/gpu_runs.sh real
+#   call 6:                               bash benchmarks/gpu_runs.sh speculative
+#
+#   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
+#   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
+#   real         the SmolLM2 model, the backend's GPU test suite, bench_e2e.py's real part
+#   speculative  bench_e2e.py synthetic part resumed: QuantSpec and draft_model at the acceptance the
+#                real part measured; then kv-backend from those rows
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source /tmp/stage/env.sh
+RUNS=/tmp/runs
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$RUNS" "$OUT"
+# batch 1 at every context; batches 4, 8 and 16 where their prefill fits the device time of a session
+POINTS=1x4096,1x32768,1x65536,1x131072,4x4096,4x32768,8x4096,8x32768,8x65536,16x4096
+E2E=(python benchmarks/bench_e2e.py --part synthetic --points "$POINTS" --n-out 64 --out "$RUNS" --resume)
+MODEL=/tmp/stage-model/models/smollm2-135m-instruct
+
+out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
+
+case "${1:?step: kernels | plain | real | speculative}" in
+  kernels)
+    python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
+      2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
+    timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
+    out "$RUNS"/pytest-kernels-h200.txt "$RUNS"/kernels-h200.*
+    ;;
+  plain)
+    "${E2E[@]}" --methods bf16,fp8,hierarchical --accept-length 1 --time-budget 380 2>&1 | grep -v '^{'
+    out "$RUNS"/e2e-h200.*
+    ;;
+  real)
+    bash benchmarks/gpu_model.sh stage >/dev/null
+    QUANTSPEC_GPU_MODEL=$MODEL python -m pytest -m gpu -q -p no:cacheprovider -x \
+      tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
+    python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,fp8,ngram,quantspec --gammas 4 \
+      --ctxs 1024,4096,8192 --out "$RUNS" --resume 2>&1 | grep -v '^{' | tail -30
+    out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
+    ;;
+  speculative)
+    # the draft's W4A16 kernel family: whichever bench_kernels measured faster over the 8B layers at M = 1
+    OPTIONS=$(python - "$RUNS/kernels-h200.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("kind") == "linear" and r["m"] == 1]
+us = {op: sum(r["us"] for r in rows if r["op"] == op) for op in ("w4a16", "w4a16_alt")}
+alt = next((r["kernel"] for r in rows if r["op"] == "w4a16_alt"), "")
+print(json.dumps({"draft_linear_backend": "marlin"} if "Marlin" in alt and us["w4a16_alt"] < us["w4a16"] else {}))
+PY
+)
+    OPTIONS=${OPTIONS:-'{}'}
+    echo "QuantSpec options: $OPTIONS"
+    "${E2E[@]}" --methods bf16,fp8,hierarchical,quantspec,draft_model --accept-from "$RUNS/e2e-real-h200.json" \
+      --gamma 4 --quantspec-options "$OPTIONS" 2>&1 | grep -v '^{'
+    python benchmarks/bench_kv_backend.py --ppl benchmarks/results/ppl-h200.json --from-e2e "$RUNS/e2e-h200.json" \
+      --batches 1,8 --out "$RUNS"
+    out "$RUNS"/e2e-h200.* "$RUNS"/kv-backend-h200.*
+    ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac
