@@ -61,8 +61,12 @@ PY
     "${E2E[@]}" --methods bf16,fp8,hierarchical,quantspec,draft_model --accept-from "$RUNS/e2e-real-h200.json" \
       --gamma 4 --quantspec-options "$OPTIONS" 2>&1 | grep -v '^{'
     python benchmarks/bench_kv_backend.py --ppl benchmarks/results/ppl-h200.json --from-e2e "$RUNS/e2e-h200.json" \
-      --batches 1,8 --out "$RUNS"
-    out "$RUNS"/e2e-h200.* "$RUNS"/kv-backend-h200.*
+      --batches 1,8 --out "$RUNS" | tail -3
+    # where a QuantSpec step's time goes, at the same acceptance
+    L=$(python -c "import json; print(json.load(open('$RUNS/e2e-h200.json'))['accept_length'])")
+    python benchmarks/profile_step.py --method quantspec --ctx 32768 --accept-length "$L" \
+      --quantspec-options "$OPTIONS" 2>&1 | grep -E '^(device|command|\[|\{)' | tee "$RUNS/phases-quantspec-h200.txt"
+    out "$RUNS"/e2e-h200.* "$RUNS"/kv-backend-h200.* "$RUNS"/phases-quantspec-h200.txt
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

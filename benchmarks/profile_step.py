@@ -1,9 +1,13 @@
-"""Where a decode step's time goes: torch.profiler over a few decode steps of one method.
+"""Where a decode step's time goes, on the Llama-3.1-8B shape (dummy weights), batch 1.
 
-    python benchmarks/profile_step.py --method hierarchical|quantspec|bf16 [--ctx 32768] [--steps 16]
+    python benchmarks/profile_step.py --method quantspec|hierarchical|bf16 [--ctx 32768] [--steps 32] [--profile]
 
-Prints the step's wall time, the GPU-busy time and the top host-side and device-side operations, so
-host overhead (Python, launches, syncs) can be told apart from kernel time.
+Phases: the engine runs in this process, and the model runner's step (execute_model + sample_tokens)
+and, for QuantSpec, the proposer's γ draft steps are timed with a device sync at each boundary. A
+QuantSpec step is then: draft (γ single-token draft forwards) + the rest (the target's verify forward,
+rejection sampling and bookkeeping). The syncs cost the overlap of host and device work, so phase
+times add up to a bit more than the free-running ms/token printed first. --profile adds torch.profiler
+tables (host and device operations) over the same steps.
 """
 
 import argparse
@@ -12,50 +16,100 @@ import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_e2e import LLAMA_8B, method_kwargs  # noqa: E402
 
 
+def timed_phases(obj, names, totals, state, sync):
+    """Wrap obj's methods so each call during a decode step (state["decode"], set by the wrapped
+    execute_model from its scheduler output) adds its synchronized wall time to totals[name]."""
+    for name in names:
+        inner = getattr(obj, name)
+
+        def wrapper(*a, _inner=inner, _name=name, **k):
+            if _name == "execute_model":
+                state["decode"] = a[0].total_num_scheduled_tokens <= state["max_decode_tokens"]
+            sync()
+            t = time.perf_counter()
+            out = _inner(*a, **k)
+            sync()
+            if state["decode"]:
+                totals[_name] += time.perf_counter() - t
+                totals[_name + " calls"] += 1
+            return out
+
+        setattr(obj, name, wrapper)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="hierarchical")
     p.add_argument("--ctx", type=int, default=32768)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--accept-length", type=float, default=3.44)
+    p.add_argument("--quantspec-options", default="{}")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--enforce-eager", action="store_true")
     args = p.parse_args()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process, so the profiler sees them
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
     import torch
+    import vllm
     from vllm import LLM, SamplingParams
 
-    d = tempfile.mkdtemp()
-    json.dump(LLAMA_8B, open(os.path.join(d, "config.json"), "w"))
-    llm = LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+    import bench_e2e
+
+    bench_e2e.QUANTSPEC_OPTIONS.update(json.loads(args.quantspec_options))
+    cuda = torch.cuda.is_available()
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}  vllm {vllm.__version__}  "
+          f"torch {torch.__version__}\ncommand: python {' '.join(sys.argv)}", flush=True)
+    d = args.model
+    if d is None:
+        d = tempfile.mkdtemp()
+        json.dump(LLAMA_8B, open(os.path.join(d, "config.json"), "w"))
+    dd = tempfile.mkdtemp()
+    json.dump(bench_e2e.LLAMA_1B, open(os.path.join(dd, "config.json"), "w"))
+    # dummy weights: pin the acceptance (a real model accepts what it accepts)
+    synthetic = None if args.model else {"rejection_sample_method": "synthetic",
+                                         "synthetic_acceptance_length": args.accept_length}
+    llm = LLM(model=d, load_format="auto" if args.model else "dummy", skip_tokenizer_init=True, dtype=args.dtype,
               max_model_len=args.ctx + 256, gpu_memory_utilization=0.88, enable_prefix_caching=False,
-              max_num_seqs=1, **method_kwargs(args.method, 4, args.accept_length, d))
-    prompt = [{"prompt_token_ids": torch.randint(1000, 120000, (args.ctx,)).tolist()}]
+              max_num_seqs=1, enforce_eager=args.enforce_eager,
+              **method_kwargs(args.method, args.gamma, synthetic, dd))
+    vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+    prompt = [{"prompt_token_ids": torch.randint(1000, vocab, (args.ctx,)).tolist()}]
+    ms, _ = bench_e2e.decode_timing(llm, prompt, 8)  # warm-up
+    ms, _ = bench_e2e.decode_timing(llm, prompt, args.steps + 1)
+    print(f"[{args.method}] ctx {args.ctx}: {ms:.2f} ms per generated token (free-running)", flush=True)
 
-    def gen(n: int) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False),
-                     use_tqdm=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    totals, state = defaultdict(float), {"decode": False, "max_decode_tokens": 1 + args.gamma}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timed_phases(runner, ("execute_model", "sample_tokens"), totals, state, sync)
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None:
+        timed_phases(drafter, ("propose",), totals, state, sync)
+    ms_sync, _ = bench_e2e.decode_timing(llm, prompt, args.steps + 1)
+    steps = totals["execute_model calls"]
+    step = (totals["execute_model"] + totals["sample_tokens"]) / steps * 1e3
+    draft = totals["propose"] / steps * 1e3
+    print(json.dumps({"method": args.method, "ctx": args.ctx, "gamma": args.gamma if drafter else 0,
+                      "ms_per_token_free": round(ms, 3), "ms_per_token_synced": round(ms_sync, 3),
+                      "decode_steps": int(steps), "tokens_per_step": round(step / ms_sync, 2), "step_ms": round(step, 3), "draft_ms": round(draft, 3),
+                      "draft_forward_ms": round(draft / args.gamma, 3) if drafter else None,
+                      "rest_ms": round(step - draft, 3)}), flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
 
-    gen(2)
-    t1, tn = gen(1), gen(args.steps + 1)
-    print(f"[{args.method}] ctx {args.ctx}: {(tn - t1) / args.steps * 1e3:.2f} ms per generated token", flush=True)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = gen(args.steps + 1)
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events)
-    print(f"[{args.method}] profiled {args.steps + 1} tokens (prefill included): wall {wall * 1e3:.1f} ms, "
-          f"GPU busy {gpu_us / 1e3:.1f} ms", flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
-    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            bench_e2e.decode_timing(llm, prompt, args.steps + 1)
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
+        print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":
