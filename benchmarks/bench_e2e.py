@@ -154,9 +154,11 @@ def worker(args: argparse.Namespace) -> None:
     dd = tempfile.mkdtemp()
     json.dump(LLAMA_1B, open(os.path.join(dd, "config.json"), "w"))
     points = grid_points(args)
+    # the model's 128k positions hold the longest prompt and its output: a 131072 point prompts 128 fewer
+    max_model_len = min(LLAMA_8B["max_position_embeddings"], max(c for _, c in points) + args.n_out + 64)
     synthetic = {"rejection_sample_method": "synthetic", "synthetic_acceptance_length": args.accept_length}
     kw = dict(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=max(c for _, c in points) + args.n_out + 64, gpu_memory_utilization=0.88,
+              max_model_len=max_model_len, gpu_memory_utilization=0.88,
               enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points), disable_log_stats=False,
               **method_kwargs(args.worker, args.gamma, synthetic, dd))
     t0 = time.time()
@@ -173,14 +175,15 @@ def worker(args: argparse.Namespace) -> None:
                               "skipped": "KV pool too small",
                               "kv_tokens": kv_tokens}), flush=True)
             continue
-        prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (ctx,), generator=g).tolist()}
+        prompt_len = min(ctx, max_model_len - args.n_out - 64)
+        prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (prompt_len,), generator=g).tolist()}
                    for _ in range(bs)]
         before = spec_counts(llm)
         ms, prefill = decode_timing(llm, prompts, args.n_out)
         spec = args.worker in SPECULATIVE
         print(json.dumps({
             "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
-            "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx,
+            "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
             **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
             **acceptance(spec_counts(llm) - before),
@@ -358,7 +361,11 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     lines = [f"# End-to-end decode, {result['device']}, vLLM {result['vllm']}, torch {result['torch']}", "",
              f"`{result['command']}` ({result['date']}). Synthetic rows pin the acceptance to mean accepted "
              f"length {result['accept_length']} ({result['accept_source']}).", "",
-             "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens |",
+             *[f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`." for c in
+               result.get("resumed", [])],
+             *[f"QuantSpec options: `{json.dumps(o)}`." for o in
+               {json.dumps(r["quantspec_options"]): r["quantspec_options"] for r in rows if "quantspec_options" in r}.values()],
+             "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["batch"], r["ctx"]))

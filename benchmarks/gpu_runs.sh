@@ -40,9 +40,9 @@ case "${1:?step: kernels | plain | real | speculative}" in
     ;;
   real)
     bash benchmarks/gpu_model.sh stage >/dev/null
-    QUANTSPEC_GPU_MODEL=$MODEL python -m pytest -m gpu -q -p no:cacheprovider -x \
+    QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
       tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
-    python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,fp8,ngram,quantspec --gammas 4 \
+    python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,ngram,quantspec --gammas 4 \
       --ctxs 1024,4096,8192 --out "$RUNS" --resume 2>&1 | grep -v '^{' | tail -30
     out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
     ;;
