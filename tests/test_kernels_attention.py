@@ -155,15 +155,13 @@ def test_ring_larger_than_needed():
     _check(args, "int8")
 
 
-@pytest.mark.parametrize("mode,num_splits", [("int4", 1), ("int8", 3)])
-def test_fused_ring_write(mode, num_splits):
+def _check_ring_write(q_lens, ctxs, keep, G, mode, num_splits=None, **scenario):
     """With ring_dst the kernel also writes the new K/V to their ring rows: the attention is still
     the one over the ring as it was (the smallest ring that allows the write, so the written rows wrap
     onto rows just below the oldest one read), and the ring ends up as the backend's index_copy_
     would leave it."""
-    q_lens, ctxs, keep, G = [1, 5, 9, 2], [70, 44, 100, 16], 16, 16
     R = max(q_lens) + keep + G - 1
-    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=R, seed=7)
+    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=R, **scenario)
     dst = torch.cat([slot * R + torch.arange(c, c + q) % R
                      for slot, c, q in zip(args["ring_slot"].tolist(), ctxs, q_lens)]).to(DEVICE)
     flat = {k: args[k].clone().view(-1, *args[k].shape[2:]) for k in ("k_ring", "v_ring")}
@@ -176,6 +174,11 @@ def test_fused_ring_write(mode, num_splits):
     with pytest.raises(AssertionError, match="overwrite"):
         paged_attention(**dict(args, mode=mode, k_ring=args["k_ring"][:, :R - 1].contiguous(),
                                v_ring=args["v_ring"][:, :R - 1].contiguous()), ring_dst=dst)
+
+
+@pytest.mark.parametrize("mode,num_splits", [("int4", 1), ("int8", 3)])
+def test_fused_ring_write(mode, num_splits):
+    _check_ring_write([1, 5, 9, 2], [70, 44, 100, 16], keep=16, G=16, mode=mode, num_splits=num_splits, seed=7)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
@@ -203,6 +206,16 @@ def test_gpu_llama8b_shape(mode, q_len, kind):
     contexts, the split-K heuristic and the real Triton compilation."""
     args = _scenario([q_len] * 3, [8000, 20000, 12345], G=128, H=8, grp=4, D=128, keep=128, R=384, kind=kind)
     _check(args, mode, tol_scale=4 if kind == "outliers" else 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,q_len", [("int4", 1), ("int8", 5)])
+def test_gpu_fused_ring_write(mode, q_len):
+    """The ring write of decode (the draft, fp_keep + γ) and verify steps at the 8B shape, with the
+    split-K heuristic: programs of other splits read the ring while split 0 writes it."""
+    keep = 128 + 4 if q_len == 1 else 128
+    _check_ring_write([q_len] * 3, [8000, 20000, 12345], keep=keep, G=128, mode=mode, H=8, grp=4, D=128)
 
 
 @pytest.mark.gpu
