@@ -51,6 +51,7 @@ LLAMA_8B = {
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
     "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
 }
+LLAMA_8B_LABEL = "llama-3.1-8b-shape (dummy weights)"
 LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
                 tie_word_embeddings=True, rope_scaling=dict(LLAMA_8B["rope_scaling"], factor=32.0))
 SPECULATIVE = ("quantspec", "draft_model", "ngram")
@@ -182,7 +183,7 @@ def worker(args: argparse.Namespace) -> None:
         ms, prefill = decode_timing(llm, prompts, args.n_out)
         spec = args.worker in SPECULATIVE
         print(json.dumps({
-            "method": args.worker, "model": "llama-3.1-8b-shape (dummy weights)",
+            "method": args.worker, "model": LLAMA_8B_LABEL,
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
             **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
@@ -330,7 +331,9 @@ def main() -> None:
         old = json.load(open(stem + ".json"))
         result["rows"] = [r for r in old["rows"] if "failed" not in r]
         result["resumed"] = old.get("resumed", []) + [old["date"] + " " + old["command"]]
-        done = {(r["method"], r.get("gamma", 0) if r["method"] in SPECULATIVE else 0) for r in result["rows"]}
+        model = os.path.basename(os.path.normpath(args.model)) if real else LLAMA_8B_LABEL
+        done = {(r["method"], r.get("gamma", 0) if r["method"] in SPECULATIVE else 0) for r in result["rows"]
+                if r.get("model", model) == model}
         engines = [e for e in engines if (e[0], e[1] if e[0] in SPECULATIVE else 0) not in done]
         print(f"[bench_e2e] resuming {stem}.json: {len(result['rows'])} rows kept, {len(engines)} engines to run")
     t0 = time.time()

