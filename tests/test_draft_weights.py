@@ -128,3 +128,24 @@ def test_fp32_int4_method_is_the_dequantized_twin():
     assert isinstance(head, DequantizedW4Linear)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(head.apply(None, x), x @ dequantize(w4).T)
+
+
+def test_derived_draft_linear_takes_the_target_bias():
+    """A quantized draft linear keeps its int4 weight and the target's bias (Qwen2's qkv_proj has one).
+    The draft module's own bias was allocated but never loaded: left in place, it is garbage and
+    the draft's proposals are never accepted."""
+    from vllm_quantspec.proposer import STASH, derive_draft_weights
+
+    w, b = _weights("normal", 16, 64), torch.randn(16)
+    target, draft = torch.nn.Module(), torch.nn.Module()
+    target.qkv_proj = torch.nn.Linear(64, 16)
+    target.qkv_proj.bias.data.copy_(b)
+    target.qkv_proj.__dict__[STASH] = w4 = quantize_w4(w, 32)
+    draft.qkv_proj = torch.nn.Module()
+    for key, tensor in w4.state_dict().items():
+        setattr(draft.qkv_proj, key, torch.nn.Parameter(torch.empty_like(tensor), requires_grad=False))
+    draft.qkv_proj.bias = torch.nn.Parameter(torch.full((16,), float("nan")), requires_grad=False)
+    assert derive_draft_weights(draft, target, torch.float32) == 1
+    layer = draft.qkv_proj
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer.quant_method.apply(layer, x, layer.bias), x @ dequantize(w4).T + b)

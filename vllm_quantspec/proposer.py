@@ -85,6 +85,8 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
     for name, module in list(draft.named_modules(remove_duplicate=False)):
         if hasattr(module, "weight_packed"):
             w4 = target_modules[name].__dict__.pop(STASH)
+            if getattr(module, "bias", None) is not None:  # e.g. Qwen2's qkv_proj: the draft's own was never loaded
+                module.bias = target_modules[name].bias
             if activation_dtype in W4A16_KERNEL_DTYPES:
                 for key, tensor in w4.state_dict().items():
                     getattr(module, key).data = tensor  # the parameter keeps its vLLM loader attributes
