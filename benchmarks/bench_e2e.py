@@ -363,11 +363,11 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     base = {(r["batch"], r["ctx"]): r["ms_per_token"] for r in rows if r["method"] == "bf16"}
     lines = [f"# End-to-end decode, {result['device']}, vLLM {result['vllm']}, torch {result['torch']}", "",
              f"`{result['command']}` ({result['date']}). Synthetic rows pin the acceptance to mean accepted "
-             f"length {result['accept_length']} ({result['accept_source']}).", "",
-             *[f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`." for c in
-               result.get("resumed", [])],
-             *[f"QuantSpec options: `{json.dumps(o)}`." for o in
-               {json.dumps(r["quantspec_options"]): r["quantspec_options"] for r in rows if "quantspec_options" in r}.values()],
+             f"length {result['accept_length']} ({result['accept_source']}).",
+             *[x for c in result.get("resumed", [])
+               for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
+             *[x for o in {json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r}
+               for x in ("", f"QuantSpec options: `{o}`.")],
              "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -410,8 +410,9 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
              f"greedy, {first.get('n_out')} tokens after each of: {', '.join(first.get('prompts', []))} "
              "(the first ctx tokens of each file). vLLM's spec-decode counters: accept rate = accepted / draft "
              "tokens; mean accepted len = 1 + accepted / verification steps with drafts; accepted per position i = "
-             "share of those steps that accepted draft tokens 1..i.", "",
-             "| method | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | accepted per position |",
+             "share of those steps that accepted draft tokens 1..i.",
+             *[x for c in result.get("resumed", []) for x in ("", f"Rows of engines run earlier, kept by --resume: `{c}`.")],
+             "", "| method | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | accepted per position |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{speedup[id(r)]:.2f}x" if id(r) in speedup else "–"
