@@ -2,7 +2,8 @@
 # The GPU runs behind benchmarks/results/*-h200*, one step per device call (each at most 10 minutes; the
 # machine stays warm 30 s between calls, so the steps run back to back). Every step writes its results to
 # /tmp/runs, which lasts while the machine stays warm (a later step resumes from it), and copies them to
-# $OUT, which comes back.
+# $OUT, which comes back. A step whose --time-budget stopped it before its last engine is run again in
+# the next call and resumes (--resume).
 #
 #   calls 1-3 (carrying .gpu/p1, p2, p3): bash .gpu/pN/stage.sh; the third then runs `kernels`
 #   call 4 (carrying .gpu/m1):            bash .gpu/m1/stage.sh && bash benchmarks/gpu_runs.sh plain
@@ -61,7 +62,7 @@ PY
     OPTIONS=${OPTIONS:-'{}'}
     echo "QuantSpec options: $OPTIONS"
     "${E2E[@]}" --methods bf16,fp8,hierarchical,quantspec,draft_model --accept-from "$RUNS/e2e-real-h200.json" \
-      --gamma 4 --quantspec-options "$OPTIONS" 2>&1 | grep -v '^{'
+      --gamma 4 --quantspec-options "$OPTIONS" --time-budget 380 2>&1 | grep -v "^{"
     python benchmarks/bench_kv_backend.py --ppl benchmarks/results/ppl-h200.json --from-e2e "$RUNS/e2e-h200.json" \
       --batches 1,8 --out "$RUNS" | tail -3
     # where a QuantSpec step's time goes, at the same acceptance
