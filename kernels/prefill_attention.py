@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_quantspec.reference_attention import quantized_len
+
 
 @triton.jit
 def _dequant_pages_kernel(
@@ -107,12 +109,6 @@ class PrefillPlan:
     max_len_full: int
 
 
-def _boundary(t: int, group_size: int, fp_keep: int) -> int:
-    """Q(t) = max(0, (t - fp_keep) // G * G): query t reads positions below it from the pages
-    (reference_attention.quantized_len, for one position)."""
-    return max(0, (t - fp_keep) // group_size * group_size)
-
-
 def plan_runs(qsl: np.ndarray, seq_lens: np.ndarray, group_size: int, fp_keep: int) -> list[tuple[int, ...]]:
     """Runs of queries with one boundary q_r = Q(t), in row order: (sequence, first row, rows, q_r,
     first position)."""
@@ -122,7 +118,7 @@ def plan_runs(qsl: np.ndarray, seq_lens: np.ndarray, group_size: int, fp_keep: i
         c = s - int(qsl[b + 1] - qsl[b])
         t = c
         while t < s:
-            q_r = _boundary(t, group_size, fp_keep)
+            q_r = quantized_len(t, group_size, fp_keep)
             end = min(s, q_r + fp_keep + group_size)  # the first position with a larger boundary
             runs.append((b, start + t - c, end - t, q_r, t))
             t = end
@@ -141,11 +137,11 @@ def plan_prefill(qsl: np.ndarray, seq_lens: np.ndarray, ring_slots: list[int], b
     dst, from_ring, dst_new, from_new = [], [], [], []
     n_ws = n_fp = 0
     for b, (s, c) in enumerate(zip(seq_lens.tolist(), ctx.tolist())):
-        n = _boundary(s - 1, G, fp_keep) // G
+        n = quantized_len(s - 1, G, fp_keep) // G
         ws_base.append(1 + n_ws)
         ws_parts.append(block_table[b, :n])
         n_ws += n
-        lo = _boundary(c, G, fp_keep)
+        lo = quantized_len(c, G, fp_keep)
         fp_base.append(n_fp), fp_lo.append(lo)
         pos = np.arange(lo, s)
         old = pos < c

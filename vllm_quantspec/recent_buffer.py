@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vllm_quantspec import reference_attention
 from vllm_quantspec.options import QuantSpecOptions
 
 
@@ -40,7 +41,7 @@ class HierarchicalKVConfig:
 
     def quantized_len(self, position: int) -> int:
         """Q(t) of ``reference_attention.quantized_len``, for one position."""
-        return max(0, (position - self.fp_keep) // self.group_size * self.group_size)
+        return reference_attention.quantized_len(position, self.group_size, self.fp_keep)
 
     @property
     def capacity(self) -> int:

@@ -16,9 +16,11 @@ import torch
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout, read_groups
 
 
-def quantized_len(positions: torch.Tensor, group_size: int, fp_keep: int) -> torch.Tensor:
-    """Q(t): whole groups below t - fp_keep (so at least fp_keep tokens before t stay full precision)."""
-    return ((positions - fp_keep).clamp(min=0) // group_size) * group_size
+def quantized_len(positions: torch.Tensor | int, group_size: int, fp_keep: int) -> torch.Tensor | int:
+    """Q(t): whole groups below t - fp_keep (so at least fp_keep tokens before t stay full precision).
+    `positions`: an integer tensor (elementwise) or one int."""
+    q = (positions - fp_keep) // group_size * group_size  # floor division: negative below fp_keep
+    return q.clamp(min=0) if isinstance(q, torch.Tensor) else max(0, q)
 
 
 def gather_kv(block_table_row: torch.Tensor, q_lo: int, q_hi: int, ctx: int, pages: torch.Tensor,
