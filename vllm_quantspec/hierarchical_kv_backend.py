@@ -372,14 +372,14 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
         args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
                 k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        if md.prefill_plan is None or is_draft:
-            if attention is not reference_attention.attention:  # the kernel also writes the ring
-                attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
-                          ring_dst=md.ring_dst)
-                return output
-            output[:t].copy_(attention(*args))
-        else:
+        if md.prefill_plan is not None and not is_draft:
             prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
+        elif attention is reference_attention.attention:
+            output[:t].copy_(attention(*args))
+        else:  # the paged kernel, which also writes the ring
+            attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
+                      ring_dst=md.ring_dst)
+            return output
         flat_k.index_copy_(0, md.ring_dst, k)
         flat_v.index_copy_(0, md.ring_dst, v)
         return output
