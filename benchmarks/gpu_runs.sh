@@ -10,12 +10,17 @@
 #   call 5 (carrying .gpu/m2):            bash .gpu/m2/stage.sh && bash benchmarks/gpu_runs.sh real
 #   call 6:                               bash benchmarks/gpu_runs.sh speculative
 #   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen
+#   fourth session: calls 1-3 stage vLLM, then `baselines` (twice if its time budget stops it), `phases`, `b8`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
 #   real         the SmolLM2 model, the backend's GPU test suite, bench_e2e.py's real part
 #   speculative  bench_e2e.py synthetic part resumed: QuantSpec and draft_model at the acceptance the
 #                real part measured; then kv-backend from those rows, and profile_step.py's phases
+#   baselines    one fresh run: QuantSpec (Marlin draft linears), draft_model, bf16 and fp8 KV at batch 1 over
+#                4k-128k and at batch 4 (32k) and 16 (4k), at the acceptance e2e-real-h200 measured
+#   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
+#   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +35,8 @@ MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
 
-case "${1:?step: kernels | plain | real | speculative | qwen}" in
+MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -70,6 +76,25 @@ PY
     python benchmarks/profile_step.py --method quantspec --ctx 32768 --accept-length "$L" \
       --quantspec-options "$OPTIONS" 2>&1 | grep -E '^(device|command|\[|\{)' | tee "$RUNS/phases-quantspec-h200.txt"
     out "$RUNS"/e2e-h200.* "$RUNS"/kv-backend-h200.* "$RUNS"/phases-quantspec-h200.txt
+    ;;
+  baselines)
+    python benchmarks/bench_e2e.py --part synthetic --points 1x4096,1x32768,1x65536,1x131072,4x32768,16x4096 \
+      --methods quantspec,draft_model,bf16,fp8 --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 \
+      --quantspec-options "$MARLIN" --n-out 64 --out "$RUNS/baselines" --resume --time-budget 400 2>&1 | grep -v '^{'
+    for f in "$RUNS"/baselines/e2e-h200.*; do cp "$f" "$OUT/e2e-baselines-h200.${f##*.}"; done
+    ;;
+  phases)
+    L=$(python -c "import json; print(json.load(open('$RUNS/baselines/e2e-h200.json'))['accept_length'])")
+    for ctx in 4096 32768; do
+      python benchmarks/profile_step.py --method quantspec --ctx $ctx --accept-length "$L" --quantspec-options "$MARLIN" \
+        2>&1 | grep -E '^(device|command|\[|\{)'
+    done | tee "$RUNS/phases-quantspec-h200.txt"
+    out "$RUNS/phases-quantspec-h200.txt"
+    ;;
+  b8)
+    python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \
+      --n-out 32 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
+    for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
     ;;
   qwen)
     QWEN=$(bash benchmarks/qwen_model.sh stage)
