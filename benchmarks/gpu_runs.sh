@@ -10,7 +10,8 @@
 #   call 5 (carrying .gpu/m2):            bash .gpu/m2/stage.sh && bash benchmarks/gpu_runs.sh real
 #   call 6:                               bash benchmarks/gpu_runs.sh speculative
 #   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen
-#   fourth session: calls 1-3 stage vLLM, then `baselines` (twice if its time budget stops it), `phases`, `b8`
+#   fourth session: calls 1-3 stage vLLM, then `baselines` (twice if its time budget stops it), `phases`, `b8`;
+#   then on a fresh machine (calls 1-3 again) `verify`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -20,6 +21,7 @@
 #   baselines    one fresh run: QuantSpec (Marlin draft linears), draft_model, bf16 and fp8 KV at batch 1 over
 #                4k-128k and at batch 4 (32k) and 16 (4k), at the acceptance e2e-real-h200 measured
 #   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
+#   verify       profile_step.py at 4k: QuantSpec's step split further, and a target-only step over the same cache
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k
 set -uo pipefail
@@ -90,6 +92,12 @@ PY
         2>&1 | grep -E '^(device|command|\[|\{)'
     done | tee "$RUNS/phases-quantspec-h200.txt"
     out "$RUNS/phases-quantspec-h200.txt"
+    ;;
+  verify)
+    for method in quantspec hierarchical; do
+      timeout 170 python benchmarks/profile_step.py --method $method --ctx 4096 --accept-length 4.083 \
+        --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{)' | tee -a "$OUT/phases-verify-h200.txt"
+    done
     ;;
   b8)
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \
