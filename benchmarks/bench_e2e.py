@@ -366,7 +366,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
              f"length {result['accept_length']} ({result['accept_source']}).",
              *[x for c in result.get("resumed", [])
                for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
-             *[x for o in {json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r}
+             *[x for o in dict.fromkeys(json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r)
                for x in ("", f"QuantSpec options: `{o}`.")],
              "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -38,7 +38,9 @@ MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
 
 MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | b8 | qwen}" in
+# the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
+accept_length() { python -c "import json; print(json.load(open('benchmarks/results/e2e-baselines-h200.json'))['accept_length'])"; }
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -86,7 +88,7 @@ PY
     for f in "$RUNS"/baselines/e2e-h200.*; do cp "$f" "$OUT/e2e-baselines-h200.${f##*.}"; done
     ;;
   phases)
-    L=$(python -c "import json; print(json.load(open('$RUNS/baselines/e2e-h200.json'))['accept_length'])")
+    L=$(accept_length)
     for ctx in 4096 32768; do
       python benchmarks/profile_step.py --method quantspec --ctx $ctx --accept-length "$L" --quantspec-options "$MARLIN" \
         2>&1 | grep -E '^(device|command|\[|\{)'
@@ -94,8 +96,9 @@ PY
     out "$RUNS/phases-quantspec-h200.txt"
     ;;
   verify)
+    L=$(accept_length)
     for method in quantspec hierarchical; do
-      timeout 170 python benchmarks/profile_step.py --method $method --ctx 4096 --accept-length 4.083 \
+      timeout 170 python benchmarks/profile_step.py --method $method --ctx 4096 --accept-length "$L" \
         --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{)' | tee -a "$OUT/phases-verify-h200.txt"
     done
     ;;

@@ -8,8 +8,7 @@ QuantSpec step is then: draft (γ single-token draft forwards) + the rest, itsel
 execute_model (the target's verify forward with its input and metadata preparation) and
 sample_tokens minus the draft (rejection sampling and bookkeeping). The syncs cost the overlap of
 host and device work, so phase times add up to a bit more than the free-running ms/token printed
-first. --profile adds torch.profiler
-tables (host and device operations) over the same steps.
+first. --profile adds torch.profiler tables (host and device operations) over the same steps.
 """
 
 import argparse
