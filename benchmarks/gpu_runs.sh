@@ -9,7 +9,7 @@
 #   call 4 (carrying .gpu/m1):            bash .gpu/m1/stage.sh && bash benchmarks/gpu_runs.sh plain
 #   call 5 (carrying .gpu/m2):            bash .gpu/m2/stage.sh && bash benchmarks/gpu_runs.sh real
 #   call 6:                               bash benchmarks/gpu_runs.sh speculative
-#   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen
+#   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen (twice: it resumes)
 #   fourth session: calls 1-3 stage vLLM, then `baselines` (twice if its time budget stops it), `phases`, `b8`;
 #   then on a fresh machine (calls 1-3 again) `verify`
 #
@@ -23,7 +23,8 @@
 #   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
 #   verify       profile_step.py at 4k: QuantSpec's step split further, and a target-only step over the same cache
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
-#   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k
+#   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
+#                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source /tmp/stage/env.sh
@@ -108,9 +109,14 @@ PY
     for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
     ;;
   qwen)
-    QWEN=$(bash benchmarks/qwen_model.sh stage)
-    python benchmarks/bench_e2e.py --part real --model "$QWEN" --methods bf16,fp8,ngram,quantspec --gammas 2,4,8 \
-      --ctxs 1024,4096,16384,32000 --out "$RUNS/qwen" --resume --time-budget 480 2>&1 | grep -v '^{' | tail -30
+    # one call for the conversion and the first engines, a second resumes: bf16, fp8, ngram and QuantSpec at
+    # γ=4 first (the same-run baselines), then QuantSpec's other γ
+    start=$SECONDS
+    QWEN=$(bash benchmarks/qwen_model.sh stage) || exit 1
+    left() { echo $((SECONDS - start < 420 ? 420 - (SECONDS - start) : 1)); }
+    Q=(python benchmarks/bench_e2e.py --part real --model "$QWEN" --ctxs 1024,4096,16384,32000 --out "$RUNS/qwen" --resume)
+    "${Q[@]}" --methods bf16,fp8,ngram,quantspec --gammas 4 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
+    "${Q[@]}" --methods quantspec --gammas 2,8 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
     for f in "$RUNS"/qwen/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-qwen-h200.${f##*.}"; done
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;

