@@ -396,8 +396,8 @@ def write_table_and_plot(result: dict, stem: str) -> None:
 
 
 def write_real_table_and_plot(result: dict, stem: str) -> None:
-    """Markdown table (rows by context, method, γ) and a PNG: acceptance vs γ per context (left) and
-    speedup over bf16 vs γ (right; fp8 KV as a dotted line)."""
+    """Markdown table (rows by context, method, γ) and a PNG: acceptance (left) and speedup over bf16
+    (right) against context, one line per method and γ."""
     rows = [r for r in result["rows"] if "ms_per_token" in r]
     order = {m: i for i, m in enumerate(("bf16", "fp8", "ngram", "quantspec"))}
     rows.sort(key=lambda r: (r["ctx"], order.get(r["method"], len(order)), r["gamma"]))
@@ -428,25 +428,25 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    ctxs = sorted({r["ctx"] for r in rows})
-    colors = {c: plt.cm.viridis(i / max(1, len(ctxs) - 1)) for i, c in enumerate(ctxs)}
-    for ctx in ctxs:
-        for method, style in (("quantspec", "-o"), ("ngram", "--s")):
-            pts = [r for r in rows if r["ctx"] == ctx and r["method"] == method]
-            if pts:
-                gammas = [r["gamma"] for r in pts]
-                left.plot(gammas, [r["acceptance_rate"] for r in pts], style, color=colors[ctx],
-                          label=f"{method}, ctx {ctx}")
-                if all(id(r) in speedup for r in pts):
-                    right.plot(gammas, [speedup[id(r)] for r in pts], style, color=colors[ctx])
-        for r in rows:
-            if r["ctx"] == ctx and r["method"] == "fp8" and id(r) in speedup:
-                right.axhline(speedup[id(r)], linestyle=":", color=colors[ctx])
-    left.set(xlabel="γ (draft tokens per step)", ylabel="acceptance rate", title="acceptance, real text")
+    # x: context (the grid's long axis); one line per speculative (method, γ), fp8 KV dotted on the right
+    series = dict.fromkeys((r["method"], r["gamma"]) for r in rows if r["method"] != "bf16")
+    for k, (method, gamma) in enumerate(series):
+        pts = [r for r in rows if (r["method"], r["gamma"]) == (method, gamma)]
+        label = f"{method} γ={gamma}" if gamma else method
+        style = dict(color=plt.cm.tab10(k % 10), marker="s" if method == "ngram" else "o",
+                     linestyle=":" if method == "fp8" else "-")
+        if gamma:
+            left.plot([r["ctx"] for r in pts], [r["acceptance_rate"] for r in pts], label=label, **style)
+        sp = [(r["ctx"], speedup[id(r)]) for r in pts if id(r) in speedup]
+        if sp:  # CPU dry runs may have no bf16 row
+            right.plot([c for c, _ in sp], [v for _, v in sp], label=label, **style)
+    left.set(xlabel="context (tokens)", ylabel="acceptance rate", title="acceptance, real text")
+    right.set(xlabel="context (tokens)", ylabel="speedup over bf16 (ms/token)", title="decode speed, batch 1")
+    for ax in (left, right):
+        if ax.lines:
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
     right.axhline(1.0, color="gray", linewidth=0.5)
-    right.set(xlabel="γ", ylabel="speedup over bf16 (ms/token)", title="decode speed, batch 1 (dotted: fp8 KV)")
-    if left.lines:
-        left.legend(fontsize=7)
     fig.suptitle(f"{first.get('model')} ({first.get('dtype')}), {result['device']}")
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
