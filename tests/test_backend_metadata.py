@@ -1,13 +1,23 @@
 """The hierarchical backend's step metadata, built on the device: ring destinations of the new tokens
 and the fixed-length decode flush lists, against plain Python loops over the same rules
-(HierarchicalKVConfig.flush_range, ring row = slot * capacity + position % capacity)."""
+(HierarchicalKVConfig.flush_range, ring row = slot * capacity + position % capacity); and the host
+plan of a step with a prefill chunk under async scheduling, whose host lengths are optimistic."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vllm_quantspec.hierarchical_kv_backend import decode_flush, ring_destinations
+import vllm_quantspec
+from vllm_quantspec import recent_buffer
+from vllm_quantspec.embedded_model import embedded_model_path
+from vllm_quantspec.hierarchical_kv_backend import (
+    HierarchicalKVMetadataBuilder,
+    HierarchicalKVSpec,
+    decode_flush,
+    ring_destinations,
+)
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig
 
 
@@ -70,3 +80,53 @@ def test_decode_flush_lists_every_group_of_the_rule_once(G, gamma, fp_min):
                      for p in starts}
         assert got == want
         assert int((blocks >= 0).sum()) == len(want)  # no group listed twice, padding rows list none
+
+
+def test_prefill_flush_is_planned_from_exact_lengths_under_async_scheduling(monkeypatch):
+    """A step with a prefill chunk plans its flush on the host, for its verify rows too. Under async
+    scheduling vLLM plans step n+1 before step n's drafts are judged: its host seq_lens assume every
+    draft was accepted (only the device's are corrected, gpu_model_runner._prepare_inputs). The plan
+    must be the one of the exact lengths, which a synchronous step gets on the host."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    vllm_quantspec.register()
+    G, gamma = 16, 4  # "single" buffer: fp_keep = γ = 4, the smallest distance to unverified tokens
+    config = EngineArgs(model=embedded_model_path(), skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
+                        speculative_config={"method": "quantspec", "num_speculative_tokens": gamma,
+                                            "kv_group_size": G, "fp_buffer": "single"}).create_engine_config()
+    spec = HierarchicalKVSpec(block_size=G, num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.uint8, v_group=64)
+
+    def builder(async_scheduling: bool) -> HierarchicalKVMetadataBuilder:
+        config.scheduler_config.async_scheduling = async_scheduling  # read once, by the builder's __init__
+        return HierarchicalKVMetadataBuilder(spec, ["layer"], config, torch.device("cpu"))
+
+    monkeypatch.setattr(recent_buffer, "_RUNNER", lambda: SimpleNamespace(input_batch=SimpleNamespace(
+        req_ids=["verify-a", "prefill", "verify-b"])))
+    # (context C, query length, drafts of the previous step that were rejected)
+    rows = [(30, 1 + gamma, 3), (0, 100, 0), (40, 1 + gamma, 4)]
+    q_lens = [q for _, q, _ in rows]
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    exact = torch.tensor([c + q for c, q, _ in rows], dtype=torch.int32)
+    optimistic = exact + torch.tensor([r for _, _, r in rows], dtype=torch.int32)
+    block_table = (torch.arange(len(rows) * 8, dtype=torch.int32) + 100).view(len(rows), 8)
+
+    def plan(b: HierarchicalKVMetadataBuilder, host_seq_lens: torch.Tensor):
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=exact, seq_lens_cpu_upper_bound=host_seq_lens,
+            num_reqs=len(rows), num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens),
+            max_seq_len=int(host_seq_lens.max()), block_table_tensor=block_table,
+            slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+        md = b.build(0, cm)
+        return [md.flush_blocks.tolist(), *(t.tolist() for t in md.flush_staging)]
+
+    synchronous = plan(builder(False), exact)
+    assert plan(builder(True), optimistic) == synchronous
+    cfg = recent_buffer.recent_buffer(config).config
+    want = [int(block_table[b, p // G])
+            for b, (c, q, _) in enumerate(rows) for p in range(*cfg.flush_range(c, c + q), G)]
+    assert synchronous[0] == want
+    assert want == [100 + 8 + i for i in range(5)] + [100 + 16 + 1]  # the chunk's 5 groups; verify-b's group 16..31
+    # what the host bound alone plans: verify-a's group 16..31 (positions 30 and 31 not verified yet),
+    # and not verify-b's, which no later step would flush (their flush ranges start at 32)
+    assert plan(builder(False), optimistic)[0] == [100 + 1] + want[:-1]

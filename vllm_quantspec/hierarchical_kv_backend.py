@@ -199,7 +199,8 @@ def decode_flush(qsl: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.T
 
 
 class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetadata]):
-    """Builds the step's ring and flush indices on the device, without a host sync.
+    """Builds the step's ring and flush indices on the device, without a host sync (but one in steps
+    with a prefill chunk under async scheduling with drafts: ``_prefill_flush``).
 
     Decode and verify steps (every query length <= γ + 1) flush only from the ring, at most
     ``decode_flush_groups`` groups per request: their indices have a fixed shape and are written into
@@ -226,6 +227,10 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         self._slot = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._max_model_len = vllm_config.model_config.max_model_len
+        # vLLM's host seq_lens (seq_lens_cpu_upper_bound) are exact, except under async scheduling with
+        # speculative decoding: the runner then plans step n+1 before step n's acceptance is known, and
+        # its host values assume every draft was accepted (it corrects only the device seq_lens).
+        self._host_seq_lens_exact = not (sched.async_scheduling and vllm_config.speculative_config is not None)
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
         self._tokens = torch.arange(max_tokens, **i64)
@@ -288,10 +293,15 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
 
     def _prefill_flush(self, md: HierarchicalKVMetadata, cm: CommonAttentionMetadata) -> None:
         """Any number of groups per request, from the ring (positions < C) and the new tokens;
-        planned on the host from vLLM's host copies of the batch, pages looked up on the device."""
+        planned on the host from exact host copies of the batch, pages looked up on the device.
+
+        Where vLLM's host seq_lens are only an upper bound (async scheduling with drafts), a decode row
+        of a mixed step would be planned past its verified tokens, from the wrong rows, and skip the
+        groups below its true context: such steps read the device's seq_lens back (one sync, in steps
+        with a prefill chunk only; decode and verify steps stay on the device)."""
         cfg, n = self.config, md.num_reqs
         qsl = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
-        seq_lens = cm.seq_lens_cpu_upper_bound
+        seq_lens = cm.seq_lens_cpu_upper_bound if self._host_seq_lens_exact else None
         seq_lens = (seq_lens if seq_lens is not None else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
         ctx = seq_lens - np.diff(qsl)
         slots = self._slot_host

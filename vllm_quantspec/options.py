@@ -197,11 +197,6 @@ def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
             f"attention_backend={backend} cannot serve method 'quantspec': its draft and target read "
             "the hierarchical KV cache, which only the plugin's backend (CUSTOM) implements; leave it unset"
         )
-    if args.async_scheduling:
-        raise QuantSpecConfigError(
-            "async_scheduling=True is not supported with method 'quantspec' (vLLM's draft-model "
-            "path it runs on needs synchronous scheduling); leave it unset"
-        )
     args.enable_prefix_caching = False
     args.block_size = options.kv_group_size
     if backend is None and args.attention_config.backend is None:

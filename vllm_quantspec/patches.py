@@ -1,9 +1,10 @@
 """The whole vLLM patch surface of vllm-quantspec, in one place.
 
 vLLM 0.26 has no registry for speculative methods (vllm-integration.md §1.3), so the plugin wraps a
-few of vLLM's own functions. Each patch is named, says why it exists, checks that its target exists
-in the installed vLLM and fails loudly, naming the target, when it does not. Applying a patch twice
-is a no-op, so ``register()`` may run any number of times in any process.
+few of vLLM's own functions and extends one list of method names. Each patch is named, says why it
+exists, checks that its target exists in the installed vLLM and fails loudly, naming the target, when
+it does not. Applying a patch twice is a no-op, so ``register()`` may run any number of times in any
+process.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import functools
 import importlib
 import logging
+import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 from vllm_quantspec.options import (
     METHOD,
@@ -68,7 +70,7 @@ def apply(patch: Patch) -> None:
     wrapped = patch.wrap(original)
     # a classmethod is looked up through its function, so the marker goes there
     marked = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
-    if not isinstance(marked, type):  # a replacement class keeps its own name
+    if isinstance(marked, types.FunctionType):  # a replacement class or type alias keeps its own identity
         functools.update_wrapper(marked, original)
     marked.__quantspec_patch__ = patch.name  # type: ignore[attr-defined]
     setattr(owner, patch.attribute, wrapped)
@@ -78,7 +80,7 @@ def is_applied(patch: Patch) -> bool:
     return getattr(getattr(_resolve_owner(patch), patch.attribute), "__quantspec_patch__", None) == patch.name
 
 
-# --- P1 / P2: configuration -----------------------------------------------------------------
+# --- P1 / P2 / P10: configuration -------------------------------------------------------------
 
 
 def _quantspec_dict(engine_args: Any) -> dict[str, Any] | None:
@@ -141,6 +143,10 @@ def _wrap_create_speculative_config(original: Callable[..., Any]) -> Callable[..
         return config
 
     return create_speculative_config
+
+
+def _admit_to_async_scheduling(original: Any) -> Any:
+    return Literal[(*get_args(original), METHOD)]
 
 
 # --- P5 / P6 / P7: the hierarchical KV backend ------------------------------------------------
@@ -239,6 +245,17 @@ PATCHES: tuple[Patch, ...] = (
         wrap=_wrap_create_engine_config,
         why="refuse engine settings quantspec does not support and set block size / prefix caching "
         "before vLLM builds its cache config",
+    ),
+    Patch(
+        name="P10 config.vllm.NgramGPUTypes",
+        owner="vllm.config.vllm",
+        attribute="NgramGPUTypes",
+        wrap=_admit_to_async_scheduling,
+        why="VllmConfig admits async scheduling (explicit, and by default) only for the speculative "
+        "methods it finds in this module's EagleModelTypes or NgramGPUTypes (draft_model: explicit only); "
+        "its two async-scheduling checks are the module's only readers of NgramGPUTypes, so listing "
+        "quantspec there enables async scheduling by default and keeps vLLM's other checks (executor, "
+        "padded drafter batch, platform). The backend plans from device seq_lens under it (_prefill_flush)",
     ),
     Patch(
         name="P3 SpeculativeConfig.uses_draft_model",
