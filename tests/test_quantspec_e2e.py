@@ -84,9 +84,9 @@ MAX_TIES_PER_RUN = 1
 # the shared lm_head): its floor only says that the draft still proposes the target's text.
 MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.35}
 
-# Async scheduling (vLLM's default for quantspec where the platform allows it) at one γ. Its batches
-# can differ from the synchronous run's by a step (a finished request is scheduled once more, a new one
-# a step later), so fp32 GEMM shapes differ and a draft's near-tie may flip: acceptance agrees with the
+# Async scheduling (opt-in for quantspec) at one γ. Its batches can differ from the synchronous run's
+# by a step (a finished request is scheduled once more, a new one a step later), so fp32 GEMM shapes
+# differ and a draft's near-tie may flip: acceptance agrees with the
 # synchronous run's within ASYNC_ACCEPTANCE_TOLERANCE (identical here), where a draft reading a wrong
 # ring row or position under async scheduling would lose far more.
 ASYNC_GAMMA = 3
@@ -195,9 +195,10 @@ class QuantSpecRuns:
             clock.append(time.monotonic())
             return round(clock[-1] - clock[-2], 1)
 
-        # async_scheduling left unset: vLLM's default for quantspec, on where the platform allows it
+        # async scheduling is opt-in for quantspec (options.check_engine_args); left unset otherwise
         llm = self.pool.get(("quantspec", gamma, async_scheduling),
-                            engine_kwargs(self.model, gamma, **SPEC_OPTIONS.get(gamma, {})))
+                            engine_kwargs(self.model, gamma, **SPEC_OPTIONS.get(gamma, {}))
+                            | ({"async_scheduling": True} if async_scheduling else {}))
         assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is async_scheduling
         seconds = {"start": lap()}
         before = SpecCounters.read(llm)

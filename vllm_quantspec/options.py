@@ -197,6 +197,11 @@ def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
             f"attention_backend={backend} cannot serve method 'quantspec': its draft and target read "
             "the hierarchical KV cache, which only the plugin's backend (CUSTOM) implements; leave it unset"
         )
+    if args.async_scheduling is None:
+        # Opt-in (async_scheduling=True; P10 admits it): vLLM leaves its own draft-model path, which
+        # quantspec runs on, synchronous by default, and quantspec under async scheduling has passed the
+        # CPU suite but has not yet run on a GPU.
+        args.async_scheduling = False
     args.enable_prefix_caching = False
     args.block_size = options.kv_group_size
     if backend is None and args.attention_config.backend is None:

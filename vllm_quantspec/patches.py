@@ -251,11 +251,11 @@ PATCHES: tuple[Patch, ...] = (
         owner="vllm.config.vllm",
         attribute="NgramGPUTypes",
         wrap=_admit_to_async_scheduling,
-        why="VllmConfig admits async scheduling (explicit, and by default) only for the speculative "
-        "methods it finds in this module's EagleModelTypes or NgramGPUTypes (draft_model: explicit only); "
-        "its two async-scheduling checks are the module's only readers of NgramGPUTypes, so listing "
-        "quantspec there enables async scheduling by default and keeps vLLM's other checks (executor, "
-        "padded drafter batch, platform). The backend plans from device seq_lens under it (_prefill_flush)",
+        why="VllmConfig admits async scheduling only for the speculative methods it finds in this "
+        "module's EagleModelTypes or NgramGPUTypes (and draft_model); its two async-scheduling checks are "
+        "the module's only readers of NgramGPUTypes, so listing quantspec there lets async_scheduling=True "
+        "through and keeps vLLM's other checks (executor, padded drafter batch, platform). The backend "
+        "plans from device seq_lens under it (_prefill_flush); check_engine_args keeps it off unless asked",
     ),
     Patch(
         name="P3 SpeculativeConfig.uses_draft_model",
