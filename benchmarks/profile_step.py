@@ -1,6 +1,7 @@
 """Where a decode step's time goes, on the Llama-3.1-8B shape (dummy weights), batch 1.
 
-    python benchmarks/profile_step.py --method quantspec|hierarchical|bf16 [--ctx 32768] [--steps 32] [--profile]
+    python benchmarks/profile_step.py --method quantspec|hierarchical|bf16 [--ctx 32768] [--steps 32] [--async-scheduling]
+        [--profile]
 
 Phases: the engine runs in this process, and the model runner's step (execute_model + sample_tokens)
 and, for QuantSpec, the proposer's γ draft steps are timed with a device sync at each boundary. A
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--accept-length", type=float, default=3.44)
     p.add_argument("--quantspec-options", default="{}")
+    p.add_argument("--async-scheduling", action="store_true", help="quantspec with async_scheduling=True")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")
@@ -80,7 +82,7 @@ def main() -> None:
     llm = LLM(model=d, load_format="auto" if args.model else "dummy", skip_tokenizer_init=True, dtype=args.dtype,
               max_model_len=args.ctx + 256, gpu_memory_utilization=0.88, enable_prefix_caching=False,
               max_num_seqs=1, enforce_eager=args.enforce_eager,
-              **method_kwargs(args.method, args.gamma, synthetic, dd))
+              **method_kwargs(args.method, args.gamma, synthetic, dd, args.async_scheduling))
     vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
     prompt = [{"prompt_token_ids": torch.randint(1000, vocab, (args.ctx,)).tolist()}]
     ms, _ = bench_e2e.decode_timing(llm, prompt, 8)  # warm-up
@@ -99,6 +101,7 @@ def main() -> None:
     step = (totals["execute_model"] + totals["sample_tokens"]) / steps * 1e3
     draft = totals["propose"] / steps * 1e3
     print(json.dumps({"method": args.method, "ctx": args.ctx, "gamma": args.gamma if drafter else 0,
+                      "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
                       "ms_per_token_free": round(ms, 3), "ms_per_token_synced": round(ms_sync, 3),
                       "decode_steps": int(steps), "tokens_per_step": round(step / ms_sync, 2), "step_ms": round(step, 3), "draft_ms": round(draft, 3),
                       "draft_forward_ms": round(draft / args.gamma, 3) if drafter else None,
