@@ -45,6 +45,11 @@ out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
 MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
 # the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
 accept_length() { python -c "import json; print(json.load(open('benchmarks/results/e2e-baselines-h200.json'))['accept_length'])"; }
+# profile_step.py ARGS... at that acceptance with Marlin draft linears, its result lines only
+profile() {
+  timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
+    2>&1 | grep -E '^(device|command|\[|\{)'
+}
 case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
@@ -93,30 +98,19 @@ PY
     for f in "$RUNS"/baselines/e2e-h200.*; do cp "$f" "$OUT/e2e-baselines-h200.${f##*.}"; done
     ;;
   phases)
-    L=$(accept_length)
-    for ctx in 4096 32768; do
-      python benchmarks/profile_step.py --method quantspec --ctx $ctx --accept-length "$L" --quantspec-options "$MARLIN" \
-        2>&1 | grep -E '^(device|command|\[|\{)'
-    done | tee "$RUNS/phases-quantspec-h200.txt"
+    for ctx in 4096 32768; do profile --method quantspec --ctx $ctx; done | tee "$RUNS/phases-quantspec-h200.txt"
     out "$RUNS/phases-quantspec-h200.txt"
     ;;
   verify)
-    L=$(accept_length)
-    for method in quantspec hierarchical; do
-      timeout 170 python benchmarks/profile_step.py --method $method --ctx 4096 --accept-length "$L" \
-        --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{)' | tee -a "$OUT/phases-verify-h200.txt"
-    done
+    for method in quantspec hierarchical; do profile --method $method --ctx 4096; done | tee "$OUT/phases-verify-h200.txt"
     ;;
   async)
     # QuantSpec with and without vLLM's async scheduling (opt-in), and the bf16 target-only step, on one
     # machine: free-running ms per token and the phase split
-    L=$(accept_length)
-    for ctx in 4096 32768; do
-      for run in "--method bf16" "--method quantspec" "--method quantspec --async-scheduling"; do
-        [ "$run" = "--method bf16" ] && [ $ctx != 4096 ] && continue
-        timeout 170 python benchmarks/profile_step.py $run --ctx $ctx --accept-length "$L" --quantspec-options "$MARLIN" \
-          2>&1 | grep -E '^(device|command|\[|\{)'
-      done
+    for run in "bf16 4096" "quantspec 4096" "quantspec 4096 --async-scheduling" \
+               "quantspec 32768" "quantspec 32768 --async-scheduling"; do
+      set -- $run
+      profile --method "$1" --ctx "$2" "${@:3}"
     done | tee "$OUT/phases-async-h200.txt"
     ;;
   b8)

@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--accept-length", type=float, default=3.44)
     p.add_argument("--quantspec-options", default="{}")
-    p.add_argument("--async-scheduling", action="store_true", help="quantspec with async_scheduling=True")
+    p.add_argument("--async-scheduling", action="store_true", help="quantspec (or draft_model) with async_scheduling=True")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")

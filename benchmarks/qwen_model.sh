@@ -76,8 +76,8 @@ case "${1:-}" in
     ;;
   stage)
     ls /tmp/stage-qwen/gguf-*.whl >/dev/null 2>&1 || { echo "stage .gpu/q01 first" >&2; exit 1; }
-    "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check --upgrade --target /tmp/stage-qwen/site \
-      /tmp/stage-qwen/gguf-*.whl /tmp/stage-qwen/accelerate-*.whl >&2
+    [ -d /tmp/stage-qwen/site ] || "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+      --target /tmp/stage-qwen/site /tmp/stage-qwen/gguf-*.whl /tmp/stage-qwen/accelerate-*.whl >&2
     PYTHONPATH="/tmp/stage-qwen/site${PYTHONPATH:+:$PYTHONPATH}" build /tmp/stage-qwen /tmp/stage-qwen/models
     ;;
   *) echo "usage: $0 local|pack|stage" >&2; exit 2 ;;
