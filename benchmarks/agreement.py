@@ -1,12 +1,16 @@
 """Greedy agreement of QuantSpec with the target-only run over the same hierarchical cache.
 
-    python benchmarks/agreement.py --model DIR [--gamma 4] [--prompts 32] [--tokens 128] [--out DIR]
+    python benchmarks/agreement.py --model DIR [--gamma 4] [--prompts 32] [--tokens 128] [--batch-invariant]
+                                   [--out DIR]
 
 QuantSpec is lossless: with greedy sampling its output is what the target alone produces with the
 same KV cache (INT8 pages + full-precision ring), up to floating-point differences between a verify
 step (1 + γ query tokens) and a decode step (one token), which may flip a near-tie. For every
 prompt whose two outputs differ, the report gives the first differing position and the target-only
-run's gap between its top two logprobs there: a small gap is such a near-tie.
+run's gap between its top two logprobs there: a small gap is such a near-tie. With --batch-invariant
+both engines run in vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): every matmul and the
+backend's target attention compute a token's row the same way in a decode step and in a verify step,
+so the two outputs should be identical (agreement-<gpu>-batch-invariant.*).
 Prompts: windows of real source text (vLLM's and torch's own files) of 100 to 3000 tokens.
 Writes agreement-<gpu>.json and .md.
 """
@@ -58,8 +62,9 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"metrics": counters}), flush=True)
 
 
-def run(method: str) -> tuple[list[dict], dict]:
-    proc = subprocess.run([sys.executable, *sys.argv, "--worker", method], capture_output=True, text=True)
+def run(method: str, batch_invariant: bool) -> tuple[list[dict], dict]:
+    env = dict(os.environ, VLLM_BATCH_INVARIANT="1" if batch_invariant else "0")
+    proc = subprocess.run([sys.executable, *sys.argv, "--worker", method], capture_output=True, text=True, env=env)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
         raise SystemExit(f"[agreement] {method} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -74,6 +79,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--batch-invariant", action="store_true", help="both engines in vLLM's batch-invariant mode")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -86,9 +92,9 @@ def main() -> None:
     command = " ".join(["python"] + sys.argv)
     print(f"device: {device}  vllm {vllm.__version__}  torch {torch.__version__}\ncommand: {command}", flush=True)
     print("[agreement] target only (hierarchical cache) ...", flush=True)
-    ref, _ = run("target")
+    ref, _ = run("target", args.batch_invariant)
     print(f"[agreement] quantspec, gamma {args.gamma} ...", flush=True)
-    got, metrics = run("quantspec")
+    got, metrics = run("quantspec", args.batch_invariant)
     rows = []
     for i, (a, b) in enumerate(zip(ref, got)):
         at = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
@@ -98,14 +104,16 @@ def main() -> None:
     drafted = metrics.get("vllm:spec_decode_num_draft_tokens") or 0
     result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
               "date": datetime.date.today().isoformat(), "model": os.path.basename(args.model.rstrip("/")),
-              "gamma": args.gamma, "tokens": args.tokens, "identical": identical, "prompts": len(rows),
+              "gamma": args.gamma, "tokens": args.tokens, "batch_invariant": args.batch_invariant,
+              "identical": identical, "prompts": len(rows),
               "acceptance_rate": round((metrics.get("vllm:spec_decode_num_accepted_tokens") or 0) / drafted, 4)
               if drafted else None, "rows": rows}
     tag = "cpu" if device == "cpu" else next(w.lower() for w in device.split() if w[:1] == "H" and w[1:].isdigit())
-    stem = os.path.join(args.out, f"agreement-{tag}")
+    stem = os.path.join(args.out, f"agreement-{tag}" + ("-batch-invariant" if args.batch_invariant else ""))
     os.makedirs(args.out, exist_ok=True)
     json.dump(result, open(stem + ".json", "w"), indent=1)
-    md = [f"# QuantSpec vs target-only greedy agreement, {device}", "", f"`{command}` ({result['date']})", "",
+    mode = ", vLLM batch-invariant mode" if args.batch_invariant else ""
+    md = [f"# QuantSpec vs target-only greedy agreement, {device}{mode}", "", f"`{command}` ({result['date']})", "",
           f"{identical}/{len(rows)} prompts identical over {args.tokens} tokens (γ={args.gamma}, acceptance "
           f"{result['acceptance_rate']}).", "", "| prompt | first divergence | target top-2 logprob gap there |",
           "|---|---|---|"]

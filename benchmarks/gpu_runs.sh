@@ -14,7 +14,7 @@
 #   then on a fresh machine (calls 1-3 again) `verify`
 #   fifth session: calls 1-3 stage vLLM, then `verify`; .gpu/q01..q22; calls 1-3 again (the machine had been
 #   given back), then `qwen` (cut by the call's limit during QuantSpec γ=4, resumed by hand: γ 2 and 8 not run)
-#   next: calls 1-3, then `async`
+#   sixth session: calls 1-3, then `async`; .gpu/m1, .gpu/m2 (SmolLM2), then `tests`, `agreement`; then `b8`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -26,6 +26,8 @@
 #   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
 #   verify       profile_step.py at 4k: QuantSpec's step split further, and a target-only step over the same cache
 #   async        profile_step.py at 4k and 32k: QuantSpec with and without async scheduling, and bf16 at 4k
+#   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
+#   agreement    SmolLM2: greedy QuantSpec vs target-only, 32 prompts x 128 tokens, default and batch-invariant
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
@@ -41,6 +43,12 @@ E2E=(python benchmarks/bench_e2e.py --part synthetic --points "$POINTS" --n-out 
 MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
+# the backend's bf16 engine suite on the staged SmolLM2 (benchmarks/gpu_model.sh stage)
+backend_tests() {
+  bash benchmarks/gpu_model.sh stage >/dev/null
+  QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
+    tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
+}
 
 MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
 # the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
@@ -50,7 +58,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | b8 | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | tests | agreement | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -62,9 +70,7 @@ case "${1:?step: kernels | plain | real | speculative | baselines | phases | ver
     out "$RUNS"/e2e-h200.*
     ;;
   real)
-    bash benchmarks/gpu_model.sh stage >/dev/null
-    QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
-      tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
+    backend_tests
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,ngram,quantspec --gammas 4 \
       --ctxs 1024,4096,8192 --out "$RUNS" --resume 2>&1 | grep -v '^{' | tail -30
     out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
@@ -112,6 +118,22 @@ PY
       set -- $run
       profile --method "$1" --ctx "$2" "${@:3}"
     done | tee "$OUT/phases-async-h200.txt"
+    ;;
+  tests)
+    # the invariance test compiles the real kernel: its tile layouts are what could break invariance
+    python -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
+      -k "batch_invariant or gpu" 2>&1 | tail -3 \
+      | tee "$RUNS/pytest-gpu-h200.txt"
+    backend_tests
+    cat "$RUNS/pytest-backend-h200.txt" >> "$RUNS/pytest-gpu-h200.txt"
+    out "$RUNS/pytest-gpu-h200.txt"
+    ;;
+  agreement)
+    for mode in "" --batch-invariant; do
+      timeout 280 python benchmarks/agreement.py --model "$MODEL" --prompts 32 --tokens 128 --out "$RUNS" $mode \
+        2>&1 | grep -v '^{' | tail -45
+    done
+    out "$RUNS"/agreement-h200*
     ;;
   b8)
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \

@@ -425,7 +425,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
                     ring_dst: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None,
-                    num_stages: int = 2):
+                    num_stages: int = 2, batch_invariant: bool = False):
     """Triton twin of the reference attention (same arguments and result). `max_query_len` /
     `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
     device sync; `num_splits` overrides the split-K heuristic. With `ring_dst` (int64 [T], flat rows of
@@ -433,7 +433,14 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     backend's ring write would after the attention (only for queries short enough that the ring holds
     them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
     are the fastest measured on an H100: decode/verify (M <= 32 rows) 4 warps over 128-token tiles,
-    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills)."""
+    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills).
+
+    `batch_invariant` (vLLM's VLLM_BATCH_INVARIANT mode): a query token's row comes out bit for bit
+    the same whatever else the call holds (its own query's length, the batch), as vLLM's FlashAttention
+    backend does with one split. One split, and one tile shape (M = 64 rows) for every call: a decode
+    row and the same token's row in a verify query then fold the same tiles in the same order (tile
+    boundaries sit at fixed positions: pages, and full-precision tiles that divide G), and the tiles a
+    row masks out entirely add exact zeros."""
     assert mode in ("int4", "int8"), mode
     T, HQ, D = q.shape
     G, H, VG = layout.block_size, layout.num_kv_heads, layout.v_group
@@ -446,6 +453,8 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if batch_invariant:
+        num_splits, block_m = 1, 64
     if out is None:
         out = torch.empty_like(q)
     if T == 0:
@@ -461,7 +470,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     if num_warps is None:
         num_warps = 4 if block_m <= 32 else 8
     block_n = min(G, block_n)
-    block_f = 32
+    block_f = min(32, G)  # divides G: full-precision tiles start at fixed positions (batch_invariant)
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
     write_ring = ring_dst is not None

@@ -189,6 +189,33 @@ def test_splits_including_empty(num_splits):
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_batch_invariant_rows(mode):
+    """batch_invariant: each token of a verify query (sequence 0: 6 tokens whose Q(t) steps inside the
+    query, in a batch with a decode and a prefill chunk) comes out bit for bit as the same token's
+    decode step alone, with the query's earlier tokens in the ring by then. Without it the split-K
+    heuristic follows the call (2 splits here, 4 alone), and the rows differ."""
+    q_lens, ctxs, keep, G = [6, 1, 40], [302, 90, 20], 16, 16  # Q(t) = 272 for t < 304, then 288
+    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=64, dtype=torch.float32, seed=3)  # fp32: no rounding hides a difference
+    verify = paged_attention(**dict(args, mode=mode), batch_invariant=True)
+    default = paged_attention(**dict(args, mode=mode))
+    slot, R = int(args["ring_slot"][0]), args["k_ring"].shape[1]
+    differs = 0
+    for j in range(q_lens[0]):
+        ring = {k: args[k].clone() for k in ("k_ring", "v_ring")}
+        for i in range(j):  # the query's earlier tokens, written to the ring by their own steps
+            ring["k_ring"][slot, (ctxs[0] + i) % R] = args["k_new"][i]
+            ring["v_ring"][slot, (ctxs[0] + i) % R] = args["v_new"][i]
+        one = dict(args, **ring, mode=mode, q=args["q"][j:j + 1], k_new=args["k_new"][j:j + 1],
+                   v_new=args["v_new"][j:j + 1], query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
+                   seq_lens=torch.tensor([ctxs[0] + j + 1], dtype=torch.int32, device=DEVICE),
+                   block_table=args["block_table"][:1], ring_slot=args["ring_slot"][:1])
+        assert torch.equal(paged_attention(**one, batch_invariant=True)[0], verify[j]), j
+        differs += not torch.equal(paged_attention(**one)[0], default[j])
+    assert differs  # the test can tell: the default launch is not invariant
+    _check(args, mode, batch_invariant=True)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_chunked_prefill_mixed_batch(mode):
     """Chunked prefill (q_len 40: several query blocks, whose later queries read some of the chunk's
     own tokens quantized) next to decodes; also a first chunk with no context at all."""

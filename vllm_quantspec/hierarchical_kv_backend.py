@@ -16,7 +16,9 @@ attends, saving two launches per layer.) Only the target flushes, and only verif
 Kernels: on a GPU, decode and verify steps run our Triton paged kernel and replay as full CUDA
 graphs (the metadata builder keeps their indices in persistent buffers); prefill steps run
 FlashAttention-3 over a dequantized workspace (``kernels/prefill_attention.py``). On a CPU every
-step runs the torch reference.
+step runs the torch reference. Under vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1) the target's
+kernels compute each token's row the same way in any step (see ``paged_attention``), so greedy
+QuantSpec, whose verify rows are then the target-only run's decode rows, repeats it token for token.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from vllm import envs
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -123,6 +126,10 @@ class HierarchicalKVBackend(AttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return False
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return True  # the target's kernels take batch_invariant (HierarchicalKVImpl.forward)
 
     @staticmethod
     def use_cascade_attention(*args, **kwargs) -> bool:
@@ -353,6 +360,7 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
                                       + 4 * 4 * tokens * num_heads * head_size)
         self.layout: HierarchicalPageLayout | None = None
         self.ops = None
+        self.batch_invariant = envs.VLLM_BATCH_INVARIANT
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: HierarchicalKVMetadata, output: torch.Tensor,
@@ -382,14 +390,21 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
         args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
                 k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        if md.prefill_plan is not None and not is_draft:
+        # VLLM_BATCH_INVARIANT: every target row, prefill chunks included, goes through the paged kernel
+        # in its invariant launch (the FA3 prefill path would compute a decode row of a mixed step
+        # differently). The draft's rows only propose tokens: they keep the fast launch.
+        invariant = self.batch_invariant and not is_draft
+        if md.prefill_plan is not None and not is_draft and not invariant:
             prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
         elif attention is reference_attention.attention:
             output[:t].copy_(attention(*args))
-        else:  # the paged kernel, which also writes the ring
+        elif md.prefill_plan is None or is_draft:  # the paged kernel, which also writes the ring
             attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
-                      ring_dst=md.ring_dst)
+                      ring_dst=md.ring_dst, batch_invariant=invariant)
             return output
+        else:  # an invariant prefill step: a long chunk can wrap the ring, so the ring write comes after
+            attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
+                      batch_invariant=True)
         flat_k.index_copy_(0, md.ring_dst, k)
         flat_v.index_copy_(0, md.ring_dst, v)
         return output
