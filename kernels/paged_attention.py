@@ -437,10 +437,11 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
 
     `batch_invariant` (vLLM's VLLM_BATCH_INVARIANT mode): a query token's row comes out bit for bit
     the same whatever else the call holds (its own query's length, the batch), as vLLM's FlashAttention
-    backend does with one split. One split, and one tile shape (M = 64 rows) for every call: a decode
-    row and the same token's row in a verify query then fold the same tiles in the same order (tile
-    boundaries sit at fixed positions: pages, and full-precision tiles that divide G), and the tiles a
-    row masks out entirely add exact zeros."""
+    backend does with one split. One split and one kernel build for every call (M = 64 rows, a fixed
+    query block, no fused ring write: on a GPU the compiled row math followed those, measured in
+    benchmarks/results/invariance-h200.txt): a decode row and the same token's row in a verify query
+    then fold the same tiles in the same order (tile boundaries sit at fixed positions: pages, and
+    full-precision tiles that divide G), and the tiles a row masks out entirely add exact zeros."""
     assert mode in ("int4", "int8"), mode
     T, HQ, D = q.shape
     G, H, VG = layout.block_size, layout.num_kv_heads, layout.v_group
@@ -455,6 +456,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         max_seq_len = int(seq_lens.max())
     if batch_invariant:
         num_splits, block_m = 1, 64
+        assert ring_dst is None, "batch_invariant: one kernel build for every call, so the ring is written after"
     if out is None:
         out = torch.empty_like(q)
     if T == 0:
@@ -462,7 +464,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     # M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
     if block_m is None:
         block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
-    block_q = max(1, min(max_query_len, block_m // grp))
+    block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
     block_m = max(16, triton.next_power_of_2(block_q * grp))
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if block_n is None:

@@ -215,6 +215,27 @@ def test_batch_invariant_rows(mode):
     _check(args, mode, batch_invariant=True)
 
 
+def test_batch_invariant_calls_share_one_kernel_build(monkeypatch):
+    """On a GPU rows matched bit for bit only once every call compiled the same kernel (the interpreter
+    cannot show it: benchmarks/results/invariance-h200.txt): decode, verify and prefill calls in the
+    invariant launch pass the same compile-time parameters."""
+    import vllm_quantspec.kernels.paged_attention as pa
+
+    real, builds = pa._paged_attention_kernel, set()
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                builds.add(tuple(sorted(constexprs.items())))
+                return real[grid](*args, **constexprs)
+            return launch
+
+    monkeypatch.setattr(pa, "_paged_attention_kernel", Spy())
+    for q_lens, ctxs in (([1], [70]), ([5, 1], [44, 90]), ([40, 1], [64, 20])):
+        paged_attention(**dict(_scenario(q_lens, ctxs, seed=1), mode="int8"), batch_invariant=True)
+    assert len(builds) == 1, builds
+
+
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_chunked_prefill_mixed_batch(mode):
     """Chunked prefill (q_len 40: several query blocks, whose later queries read some of the chunk's

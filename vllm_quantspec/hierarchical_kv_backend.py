@@ -398,11 +398,11 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
         elif attention is reference_attention.attention:
             output[:t].copy_(attention(*args))
-        elif md.prefill_plan is None or is_draft:  # the paged kernel, which also writes the ring
+        elif not invariant:  # the paged kernel, which also writes the ring
             attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
-                      ring_dst=md.ring_dst, batch_invariant=invariant)
+                      ring_dst=md.ring_dst)
             return output
-        else:  # an invariant prefill step: a long chunk can wrap the ring, so the ring write comes after
+        else:  # one kernel build for every step (prefill chunks wrap the ring): the ring is written after
             attention(*args, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, out=output[:t],
                       batch_invariant=True)
         flat_k.index_copy_(0, md.ring_dst, k)
