@@ -238,6 +238,9 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         # speculative decoding: the runner then plans step n+1 before step n's acceptance is known, and
         # its host values assume every draft was accepted (it corrects only the device seq_lens).
         self._host_seq_lens_exact = not (sched.async_scheduling and vllm_config.speculative_config is not None)
+        # FA3 would compute a decode row of a mixed step otherwise than the paged kernel does in a decode
+        # step: under VLLM_BATCH_INVARIANT every target row goes through the paged kernel (HierarchicalKVImpl)
+        self._plan_fa3_prefill = device.type == "cuda" and not envs.VLLM_BATCH_INVARIANT
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
         self._tokens = torch.arange(max_tokens, **i64)
@@ -332,7 +335,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         md.flush_blocks = md.block_table[dev([np.array(req, dtype=np.int64)]), dev([np.array(col, dtype=np.int64)])]
         md.flush_rows = torch.arange(len(req) * g, device=self.device).view(len(req), g)
         md.flush_staging = (dev(ring_rows), dev(ring_src), dev(new_rows), dev(new_src))
-        if self.device.type == "cuda":  # our paged kernel is compute-bound on long query chunks
+        if self._plan_fa3_prefill:  # our paged kernel is compute-bound on long query chunks
             md.prefill_plan = plan_prefill(qsl, seq_lens, slots[:n], md.block_table, g, cfg.fp_keep, cap)
 
 
@@ -390,11 +393,10 @@ class HierarchicalKVImpl(AttentionImpl[HierarchicalKVMetadata]):
             self._flush(md, kv_cache, flat_k, flat_v, k, v, write_groups)
         args = (q, k, v, md.query_start_loc, md.seq_lens, md.block_table, kv_cache, self.layout,
                 k_ring, v_ring, md.ring_slot, "int4" if is_draft else "int8", self.scale, md.fp_keep)
-        # VLLM_BATCH_INVARIANT: every target row, prefill chunks included, goes through the paged kernel
-        # in its invariant launch (the FA3 prefill path would compute a decode row of a mixed step
-        # differently). The draft's rows only propose tokens: they keep the fast launch.
+        # VLLM_BATCH_INVARIANT (the builder then plans no FA3 prefill): the target's rows go through the
+        # paged kernel's invariant launch. The draft's rows only propose tokens: they keep the fast launch.
         invariant = self.batch_invariant and not is_draft
-        if md.prefill_plan is not None and not is_draft and not invariant:
+        if md.prefill_plan is not None and not is_draft:
             prefill_attention(q, k, v, md.prefill_plan, kv_cache, self.layout, k_ring, v_ring, self.scale, output)
         elif attention is reference_attention.attention:
             output[:t].copy_(attention(*args))
