@@ -126,9 +126,10 @@ def main() -> None:
         ", QuantSpec under async scheduling" if engine["async_scheduling"] else "")
     md = [f"# QuantSpec vs target-only greedy agreement, {device}{mode}", "", f"`{command}` ({result['date']})", "",
           f"{identical}/{len(rows)} prompts identical over {args.tokens} tokens (γ={args.gamma}, acceptance "
-          f"{result['acceptance_rate']}).", "", "| prompt | first divergence | target top-2 logprob gap there |",
-          "|---|---|---|"]
-    md += [f"| {r['prompt']} | {r['first_divergence']} | {r['target_top2_gap']} |" for r in rows if not r["identical"]]
+          f"{result['acceptance_rate']})."]
+    if identical < len(rows):
+        md += ["", "| prompt | first divergence | target top-2 logprob gap there |", "|---|---|---|"]
+        md += [f"| {r['prompt']} | {r['first_divergence']} | {r['target_top2_gap']} |" for r in rows if not r["identical"]]
     open(stem + ".md", "w").write("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 

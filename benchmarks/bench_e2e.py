@@ -102,12 +102,17 @@ def timed(llm, prompts: list[dict], n: int) -> float:
 _REQUEST_IDS = itertools.count()
 
 
+class BatchNotFilled(RuntimeError):
+    pass
+
+
 def decode_timing(llm, prompts: list[dict], n: int) -> tuple[float, float]:
     """One greedy generation of n tokens for the prompts as one batch, stepped here: (decode ms per
     token, prefill s). The batch's prefills are chunked, so its requests start decoding a few steps
     apart and the first ones finish early; decode is timed only while every request decodes: from the
     step that gives the last-prefilled request its first token to the first step that finishes a
-    request, per token of that last-prefilled request (speculative steps give several). One
+    request, per token of that last-prefilled request (speculative steps give several). A request
+    that is done before the last prefill ends leaves no such step: BatchNotFilled (n too few). One
     generation per point: no second prefill to subtract (device time is the scarce resource)."""
     from vllm import SamplingParams
 
@@ -125,6 +130,11 @@ def decode_timing(llm, prompts: list[dict], n: int) -> tuple[float, float]:
         for o in outs:
             counts[o.request_id] = len(o.outputs[0].token_ids)
         if start is None and min(counts.values()) > 0:
+            if max(counts.values()) >= n:
+                # the first requests decoded during the others' chunked prefills and are done: the
+                # steps left would time a smaller batch (the seventh session's 8 x 128k run, n = 32, did)
+                engine.abort_request(ids)
+                raise BatchNotFilled(f"a request finished before the batch's last prefill (--n-out {n} is too few)")
             tracked = min(ids, key=counts.get)
             start, n0 = now, counts[tracked]
         elif start is not None and end is None and max(counts.values()) >= n:
@@ -186,7 +196,12 @@ def worker(args: argparse.Namespace) -> None:
         prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (prompt_len,), generator=g).tolist()}
                    for _ in range(bs)]
         before = spec_counts(llm)
-        ms, prefill = decode_timing(llm, prompts, args.n_out)
+        try:
+            ms, prefill = decode_timing(llm, prompts, args.n_out)
+        except BatchNotFilled as e:
+            print(json.dumps({"method": args.worker, "batch": bs, "ctx": ctx, "gamma": args.gamma,
+                              "skipped": str(e)}), flush=True)
+            continue
         spec = args.worker in SPECULATIVE
         print(json.dumps({
             "method": args.worker, "model": LLAMA_8B_LABEL,
