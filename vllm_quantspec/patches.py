@@ -253,9 +253,9 @@ PATCHES: tuple[Patch, ...] = (
         wrap=_admit_to_async_scheduling,
         why="VllmConfig admits async scheduling only for the speculative methods it finds in this "
         "module's EagleModelTypes or NgramGPUTypes (and draft_model); its two async-scheduling checks are "
-        "the module's only readers of NgramGPUTypes, so listing quantspec there lets async_scheduling=True "
-        "through and keeps vLLM's other checks (executor, padded drafter batch, platform). The backend "
-        "plans from device seq_lens under it (_prefill_flush); check_engine_args keeps it off unless asked",
+        "the module's only readers of NgramGPUTypes, so listing quantspec there turns async scheduling on "
+        "by default (and lets async_scheduling=True through) where vLLM's other checks (executor, padded "
+        "drafter batch, platform) pass. The backend plans from device seq_lens under it (_prefill_flush)",
     ),
     Patch(
         name="P3 SpeculativeConfig.uses_draft_model",
