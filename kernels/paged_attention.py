@@ -23,6 +23,7 @@ be tiny), so both keep fp16's 11 bits (bf16 would keep 8: 4x the error of an INT
 Accumulation fp32. Channels are handled as two streams, even and odd (the two nibbles of a byte).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -420,6 +421,31 @@ def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 2
     return max(1, min(want, max_units // min_units, 256))
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A launch's tile sizes (compile-time parameters) and warps."""
+    block_q: int
+    block_m: int
+    block_n: int
+    block_f: int
+    num_warps: int
+
+    @staticmethod
+    def of(max_query_len: int, grp: int, G: int, batch_invariant: bool = False, block_m: int | None = None,
+           block_n: int | None = None, num_warps: int | None = None) -> "Tiles":
+        """M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles."""
+        if block_m is None:
+            block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
+        block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
+        block_m = max(16, triton.next_power_of_2(block_q * grp))
+        if block_n is None:
+            block_n = 128 if block_m <= 32 else 64
+        if num_warps is None:
+            num_warps = 4 if block_m <= 32 else 8
+        # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
+        return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)
+
+
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
@@ -461,18 +487,9 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out = torch.empty_like(q)
     if T == 0:
         return out
-    # M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
-    if block_m is None:
-        block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
-    block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
-    block_m = max(16, triton.next_power_of_2(block_q * grp))
+    block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(
+        Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps))
     n_qblocks = triton.cdiv(max_query_len, block_q)
-    if block_n is None:
-        block_n = 128 if block_m <= 32 else 64
-    if num_warps is None:
-        num_warps = 4 if block_m <= 32 else 8
-    block_n = min(G, block_n)
-    block_f = min(32, G)  # divides G: full-precision tiles start at fixed positions (batch_invariant)
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
     write_ring = ring_dst is not None

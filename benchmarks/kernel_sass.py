@@ -1,0 +1,97 @@
+"""The attention kernel compiled for an H100/H200 (sm_90) without a GPU: registers, spills and the
+instruction count of its page loop, per launch shape. Triton's bundled ptxas and cuobjdump do the work,
+so this runs on the CPU machine (no device time).
+
+    python benchmarks/kernel_sass.py [--out benchmarks/results/kernel-sass-sm90.txt]
+
+Why it matters: the kernel is issue-bound. A loop iteration reads one BLOCK_N-token tile of a page for
+one KV head; an H200 streams K+V of a token and KV head (D = 128: 128 bytes in INT4, 256 in INT8) at its
+copy bandwidth only if the SMs issue at most `budget` warp instructions per such token:
+    budget = 4 schedulers x SMs x clock / (copy bandwidth / bytes per token)
+which assumes every scheduler issues every cycle; real kernels issue well below that.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel, _fp_weight  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
+HQ, H, D, G = 32, 8, 128, 128
+# H200 (KINDS.md / kernels-h200: copy bandwidth 4270 GB/s measured; 132 SMs; 1.98 GHz boost)
+SMS, CLOCK_HZ, COPY_BPS = 132, 1.98e9, 4270e9
+POINTERS = {"q_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "kr_ptr": "*bf16", "vr_ptr": "*bf16",
+            "qsl_ptr": "*i32", "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "slot_ptr": "*i32",
+            "khi_ptr": "*u8", "vhi_ptr": "*u8", "klo_ptr": "*u8", "vlo_ptr": "*u8",
+            "ksc_ptr": "*fp16", "kmn_ptr": "*fp16", "vsc_ptr": "*fp16", "vmn_ptr": "*fp16",
+            "out_ptr": "*bf16", "po_ptr": "*fp32", "plse_ptr": "*fp32", "rd_ptr": "*i64"}
+# (label, query tokens per sequence, mode) as the backend launches them: decode / draft step, γ=4 verify
+SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
+
+
+def compile_sm90(q_len: int, mode: str, num_stages: int = 2):
+    t = Tiles.of(q_len, HQ // H, G)
+    const = dict(HQ=HQ, GRP=HQ // H, D=D, G=G, VG=D, BLOCK_Q=t.block_q, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                 BLOCK_F=t.block_f, FP_W=_fp_weight(mode, t.block_f, t.block_n), DIRECT=False,
+                 INT8=mode == "int8", EMULATE=False, WRITE_RING=True)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
+           for n in _paged_attention_kernel.arg_names}
+    k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=t.num_warps, num_stages=num_stages))
+    return k, t
+
+
+def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter]]]:
+    """cuobjdump's resource line, and (instructions, opcode counts) of each loop (backward branch)."""
+    path = os.path.join(tmp, "k.cubin")
+    open(path, "wb").write(cubin)
+    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res).group(0)
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = []
+    for at, op in ins:
+        m = re.search(r"BRA.*?0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < at:
+            body = [o for a, o in ins if int(m.group(1), 16) <= a <= at]
+            loops.append((len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body)))
+    return usage, loops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out")
+    args = p.parse_args()
+    # K+V codes of one token and KV head: D bytes in INT4 (U planes), 2D in INT8 (U + L)
+    budget = {mode: 4 * SMS * CLOCK_HZ / (COPY_BPS / (D * (1 if mode == "int4" else 2))) for mode in ("int4", "int8")}
+    lines = [f"Triton {triton.__version__}, sm_90, Llama-3.1-8B attention (HQ={HQ}, H={H}, D={D}), G={G}",
+             "command: python " + " ".join(sys.argv),
+             f"budget at the H200's copy bandwidth: {budget['int4']:.0f} (INT4) / {budget['int8']:.0f} (INT8) warp "
+             "instructions per token and KV head, every scheduler issuing every cycle", ""]
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    for label, q_len, mode in SHAPES:
+        k, t = compile_sm90(q_len, mode)
+        usage, loops = sass_report(k.asm["cubin"], tmp)
+        n, ops = loops[0]  # the first loop: whole page tiles (the masked loop and the full-precision tail follow)
+        lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps}  {usage}",
+                  f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
+                  "instructions per token and KV head",
+                  "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        open(args.out, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
