@@ -20,7 +20,8 @@
 #   its synchronous run hit its 280 s timeout, the async one passed: now one step each), `b8` (n_out 32 too
 #   few: the batch was not full when timed, rows not kept; bench_e2e now refuses that), `gamma` (γ 2 and 1
 #   done, cut by the call's limit before γ 4)
-#   next: calls 1-3, .gpu/m1, .gpu/m2, then `agreement`, `b8`, `gamma` (resumes at γ 4), `tests`
+#   next: calls 1-3, .gpu/m1, .gpu/m2, then `agreement`, `b8`, `gamma` (resumes at γ 4), `tests`; later
+#   `batches` (several calls: it resumes), and Qwen γ 2/8
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -38,6 +39,8 @@
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
+#   batches      issue 5's batch grid beyond baselines' points: QuantSpec (γ=4, vLLM's default scheduling), bf16,
+#                fp8 KV and draft_model at batch 4 x 4k/64k/128k and 16 x 32k (bf16 KV cannot hold 16 x 64k)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -67,7 +70,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | batches | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -159,6 +162,12 @@ PY
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \
       --n-out 256 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
     for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
+    ;;
+  batches)
+    python benchmarks/bench_e2e.py --part synthetic --points 4x4096,4x65536,4x131072,16x32768 \
+      --methods quantspec,bf16,fp8,draft_model --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 \
+      --quantspec-options "$MARLIN" --n-out 128 --out "$RUNS/batches" --resume --time-budget 420 2>&1 | grep -v '^{'
+    for f in "$RUNS"/batches/e2e-h200.*; do cp "$f" "$OUT/e2e-batches-h200.${f##*.}"; done
     ;;
   qwen)
     # one call for the conversion and the first engines, a second resumes: bf16, fp8, ngram and QuantSpec at
