@@ -20,8 +20,8 @@
 #   its synchronous run hit its 280 s timeout, the async one passed: now one step each), `b8` (n_out 32 too
 #   few: the batch was not full when timed, rows not kept; bench_e2e now refuses that), `gamma` (γ 2 and 1
 #   done, cut by the call's limit before γ 4)
-#   next: calls 1-3, .gpu/m1, .gpu/m2, then `agreement`, `b8`, `gamma` (resumes at γ 4), `tests`; later
-#   `batches` (several calls: it resumes), and Qwen γ 2/8
+#   next: calls 1-3, .gpu/m1, .gpu/m2, then `agreement`, `real-gammas`, `b8`, `gamma` (resumes at γ 4), `tests`;
+#   later `batches` (several calls: it resumes), and Qwen γ 2/8
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -39,6 +39,7 @@
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
+#   real-gammas  SmolLM2, bench_e2e.py's real part: bf16, fp8 KV, ngram and QuantSpec at γ 2, 4 and 8, 1k-8k, one run
 #   batches      issue 5's batch grid beyond baselines' points: QuantSpec (γ=4, vLLM's default scheduling), bf16,
 #                fp8 KV and draft_model at batch 4 x 4k/64k/128k and 16 x 32k (bf16 KV cannot hold 16 x 64k)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
@@ -70,7 +71,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | batches | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | batches | real-gammas | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -86,6 +87,14 @@ case "${1:?step: kernels | plain | real | speculative | baselines | phases | ver
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,ngram,quantspec --gammas 4 \
       --ctxs 1024,4096,8192 --out "$RUNS" --resume 2>&1 | grep -v '^{' | tail -30
     out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
+    ;;
+  real-gammas)
+    # issue 5's real grid on SmolLM2 (its context ends at 8k): bf16, fp8 KV, ngram and QuantSpec at γ 2, 4 and 8
+    # in one run (e2e-real-h200 has γ = 4 without fp8); resumable
+    bash benchmarks/gpu_model.sh stage >/dev/null
+    python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,fp8,ngram,quantspec --gammas 4,2,8 \
+      --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" --resume --time-budget 420 2>&1 | grep -v '^{' | tail -30
+    for f in "$RUNS"/real-gammas/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-gammas-h200.${f##*.}"; done
     ;;
   speculative)
     # the draft's W4A16 kernel family: whichever bench_kernels measured faster over the 8B layers at M = 1
