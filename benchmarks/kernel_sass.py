@@ -37,17 +37,19 @@ POINTERS = {"q_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "kr_ptr": "*
             "out_ptr": "*bf16", "po_ptr": "*fp32", "plse_ptr": "*fp32", "rd_ptr": "*i64"}
 # (label, query tokens per sequence, mode) as the backend launches them: decode / draft step, γ=4 verify
 SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
+# other launch parameters of the INT4 decode loop (warps, BLOCK_N): does any issue less per token?
+SWEEP = [(1, 128), (2, 128), (8, 128), (1, 64), (4, 64), (1, 32)]
 
 
-def compile_sm90(q_len: int, mode: str, num_stages: int = 2):
-    t = Tiles.of(q_len, HQ // H, G)
+def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None):
+    t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps)
     const = dict(HQ=HQ, GRP=HQ // H, D=D, G=G, VG=D, BLOCK_Q=t.block_q, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                  BLOCK_F=t.block_f, FP_W=_fp_weight(mode, t.block_f, t.block_n), DIRECT=False,
                  INT8=mode == "int8", EMULATE=False, WRITE_RING=True)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in _paged_attention_kernel.arg_names}
     k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=t.num_warps, num_stages=num_stages))
+                       options=dict(num_warps=t.num_warps, num_stages=2))
     return k, t
 
 
@@ -87,6 +89,15 @@ def main() -> None:
                   f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
                   "instructions per token and KV head",
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
+    lines += ["", "decode int4, other launch parameters (the backend uses 4 warps, BLOCK_N=128): warp instructions "
+              "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with BLOCK_N < G "
+              "the loop's page-start branch, run once a page, is counted for every tile)"]
+    for warps, block_n in SWEEP:
+        k, t = compile_sm90(1, "int4", block_n, warps)
+        usage, loops = sass_report(k.asm["cubin"], tmp)
+        n, ops = loops[0]
+        lines.append(f"  warps={warps} BLOCK_N={block_n}: {n * warps / block_n:.1f} per token, "
+                     f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
     text = "\n".join(lines)
     print(text)
     if args.out:
