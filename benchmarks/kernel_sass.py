@@ -12,6 +12,7 @@ which assumes every scheduler issues every cycle; real kernels issue well below 
 """
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -53,8 +54,9 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter]]]:
-    """cuobjdump's resource line, and (instructions, opcode counts) of each loop (backward branch)."""
+def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int]]]]:
+    """cuobjdump's resource line, and (instructions, opcode counts, address range) of each loop
+    (backward branch)."""
     path = os.path.join(tmp, "k.cubin")
     open(path, "wb").write(cubin)
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
@@ -65,9 +67,39 @@ def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter]]]
     for at, op in ins:
         m = re.search(r"BRA.*?0x([0-9a-f]+)", op)
         if m and int(m.group(1), 16) < at:
-            body = [o for a, o in ins if int(m.group(1), 16) <= a <= at]
-            loops.append((len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body)))
+            lo = int(m.group(1), 16)
+            body = [o for a, o in ins if lo <= a <= at]
+            loops.append((len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body),
+                          (lo, at)))
     return usage, loops
+
+
+def source_lines(cubin: bytes, tmp: str, span: tuple[int, int], top: int = 10) -> list[str]:
+    """The source lines (of this repository's kernel file) that the instructions in `span` come from, by
+    instruction count (nvdisasm's line table; Triton's own helpers, e.g. tl.sum, show as standard.py)."""
+    path = os.path.join(tmp, "k.cubin")
+    open(path, "wb").write(cubin)
+    out = subprocess.run([os.path.join(BIN, "nvdisasm"), "--print-line-info", "-c", path],
+                         capture_output=True, text=True).stdout
+    src, counts = None, Counter()
+    for line in out.splitlines():
+        m = re.search(r'//## File "([^"]+)", line (\d+)', line)
+        if m:
+            src = (m.group(1), int(m.group(2)))
+        elif (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/", line)) and span[0] <= int(m.group(1), 16) <= span[1]:
+            counts[src] += 1
+    kernel_file = inspect.getsourcefile(_paged_attention_kernel.fn)
+    text = open(kernel_file).read().splitlines()
+    mine = os.path.basename(kernel_file)
+
+    def where(f: str, ln: int) -> str:
+        if os.path.basename(f) == mine:
+            return f"line {ln}: {text[ln - 1].strip()[:90]}"
+        return f"{os.path.basename(f)}:{ln}"
+
+    triton_lib = sum(n for (f, _), n in counts.items() if os.path.basename(f) != mine)
+    return ([f"  {n:5d}  {where(f, ln)}" for (f, ln), n in counts.most_common(top)]
+            + [f"  {triton_lib:5d}  in all from Triton's own library code (tl.max / tl.sum reductions and the like)"])
 
 
 def main() -> None:
@@ -84,18 +116,20 @@ def main() -> None:
     for label, q_len, mode in SHAPES:
         k, t = compile_sm90(q_len, mode)
         usage, loops = sass_report(k.asm["cubin"], tmp)
-        n, ops = loops[0]  # the first loop: whole page tiles (the masked loop and the full-precision tail follow)
+        n, ops, span = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
         lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps}  {usage}",
                   f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
                   "instructions per token and KV head",
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
+        if (label, mode) == ("decode", "int4"):
+            lines += ["  its instructions by source line:"] + source_lines(k.asm["cubin"], tmp, span)
     lines += ["", "decode int4, other launch parameters (the backend uses 4 warps, BLOCK_N=128): warp instructions "
-              "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with BLOCK_N < G "
-              "the loop's page-start branch, run once a page, is counted for every tile)"]
+              "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with "
+              "BLOCK_N < G the loop's page-start branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
         k, t = compile_sm90(1, "int4", block_n, warps)
         usage, loops = sass_report(k.asm["cubin"], tmp)
-        n, ops = loops[0]
+        n, ops, _ = loops[0]
         lines.append(f"  warps={warps} BLOCK_N={block_n}: {n * warps / block_n:.1f} per token, "
                      f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
     text = "\n".join(lines)
