@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel, _fp_weight  # noqa: E402
+from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -44,9 +44,7 @@ SWEEP = [(1, 128), (2, 128), (8, 128), (1, 64), (4, 64), (1, 32)]
 
 def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None):
     t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps)
-    const = dict(HQ=HQ, GRP=HQ // H, D=D, G=G, VG=D, BLOCK_Q=t.block_q, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                 BLOCK_F=t.block_f, FP_W=_fp_weight(mode, t.block_f, t.block_n), DIRECT=False,
-                 INT8=mode == "int8", EMULATE=False, WRITE_RING=True)
+    const = t.constants(HQ, HQ // H, D, G, D, mode, direct=False, write_ring=True)  # the backend's launch
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in _paged_attention_kernel.arg_names}
     k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -54,11 +52,15 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int]]]]:
-    """cuobjdump's resource line, and (instructions, opcode counts, address range) of each loop
-    (backward branch)."""
+def write_cubin(kernel, tmp: str) -> str:
     path = os.path.join(tmp, "k.cubin")
-    open(path, "wb").write(cubin)
+    open(path, "wb").write(kernel.asm["cubin"])
+    return path
+
+
+def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int]]]]:
+    """cuobjdump's resource line, and (instructions, opcode counts, address range) of each loop
+    (backward branch) of the cubin at path."""
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
     usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res).group(0)
     sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
@@ -74,11 +76,10 @@ def sass_report(cubin: bytes, tmp: str) -> tuple[str, list[tuple[int, Counter, t
     return usage, loops
 
 
-def source_lines(cubin: bytes, tmp: str, span: tuple[int, int], top: int = 10) -> list[str]:
-    """The source lines (of this repository's kernel file) that the instructions in `span` come from, by
-    instruction count (nvdisasm's line table; Triton's own helpers, e.g. tl.sum, show as standard.py)."""
-    path = os.path.join(tmp, "k.cubin")
-    open(path, "wb").write(cubin)
+def source_lines(path: str, span: tuple[int, int], top: int = 10) -> list[str]:
+    """The source lines (of this repository's kernel file) that the instructions in `span` of the cubin
+    at path come from, by instruction count (nvdisasm's line table; Triton's own helpers, e.g. tl.sum,
+    show as standard.py)."""
     out = subprocess.run([os.path.join(BIN, "nvdisasm"), "--print-line-info", "-c", path],
                          capture_output=True, text=True).stdout
     src, counts = None, Counter()
@@ -115,20 +116,21 @@ def main() -> None:
     tmp = os.environ.get("TMPDIR", "/tmp")
     for label, q_len, mode in SHAPES:
         k, t = compile_sm90(q_len, mode)
-        usage, loops = sass_report(k.asm["cubin"], tmp)
+        cubin = write_cubin(k, tmp)
+        usage, loops = sass_report(cubin)
         n, ops, span = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
         lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps}  {usage}",
                   f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
                   "instructions per token and KV head",
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
         if (label, mode) == ("decode", "int4"):
-            lines += ["  its instructions by source line:"] + source_lines(k.asm["cubin"], tmp, span)
+            lines += ["  its instructions by source line:"] + source_lines(cubin, span)
     lines += ["", "decode int4, other launch parameters (the backend uses 4 warps, BLOCK_N=128): warp instructions "
               "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with "
               "BLOCK_N < G the loop's page-start branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
         k, t = compile_sm90(1, "int4", block_n, warps)
-        usage, loops = sass_report(k.asm["cubin"], tmp)
+        usage, loops = sass_report(write_cubin(k, tmp))
         n, ops, _ = loops[0]
         lines.append(f"  warps={warps} BLOCK_N={block_n}: {n * warps / block_n:.1f} per token, "
                      f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")

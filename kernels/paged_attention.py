@@ -445,6 +445,13 @@ class Tiles:
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
         return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)
 
+    def constants(self, HQ: int, grp: int, D: int, G: int, VG: int, mode: str, direct: bool,
+                  write_ring: bool) -> dict:
+        """_paged_attention_kernel's compile-time arguments for these tiles."""
+        return dict(HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=self.block_q, BLOCK_M=self.block_m,
+                    BLOCK_N=self.block_n, BLOCK_F=self.block_f, FP_W=_fp_weight(mode, self.block_f, self.block_n),
+                    DIRECT=direct, INT8=mode == "int8", EMULATE=_interpreting(), WRITE_RING=write_ring)
+
 
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
@@ -487,8 +494,8 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out = torch.empty_like(q)
     if T == 0:
         return out
-    block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(
-        Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps))
+    tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps)
+    block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
@@ -513,9 +520,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
         out, out.stride(0), out.stride(1), po, plse, ring_dst if write_ring else seq_lens,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
-        HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_F=block_f, FP_W=_fp_weight(mode, block_f, block_n),
-        DIRECT=num_splits == 1, INT8=mode == "int8", EMULATE=_interpreting(), WRITE_RING=write_ring,
+        **tiles.constants(HQ, grp, D, G, VG, mode, direct=num_splits == 1, write_ring=write_ring),
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), num_splits, HQ=HQ, D=D,
