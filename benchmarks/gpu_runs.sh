@@ -20,8 +20,9 @@
 #   its synchronous run hit its 280 s timeout, the async one passed: now one step each), `b8` (n_out 32 too
 #   few: the batch was not full when timed, rows not kept; bench_e2e now refuses that), `gamma` (γ 2 and 1
 #   done, cut by the call's limit before γ 4)
-#   next: calls 1-3, .gpu/m1, .gpu/m2, then `agreement`, `real-gammas`, `b8`, `gamma` (resumes at γ 4), `tests`;
-#   later `batches` (several calls: it resumes), and Qwen γ 2/8
+#   eighth session: calls 1-3, `part-b quantspec`, `part-b bf16,fp8`, `part-b draft_model` (carrying .gpu/m1),
+#   .gpu/m2 + `real-gammas`
+#   next: `b8`, Qwen γ 2/8 (`qwen`, whole: same-run baselines), `agreement` (synchronous), `tests`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -40,8 +41,8 @@
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas  SmolLM2, bench_e2e.py's real part: bf16, fp8 KV, ngram and QuantSpec at γ 2, 4 and 8, 1k-8k, one run
-#   batches      issue 5's batch grid beyond baselines' points: QuantSpec (γ=4, vLLM's default scheduling), bf16,
-#                fp8 KV and draft_model at batch 4 x 4k/64k/128k and 16 x 32k (bf16 KV cannot hold 16 x 64k)
+#   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
+#                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -71,7 +72,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | batches | real-gammas | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | part-b | real-gammas | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -89,11 +90,12 @@ case "${1:?step: kernels | plain | real | speculative | baselines | phases | ver
     out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
     ;;
   real-gammas)
-    # issue 5's real grid on SmolLM2 (its context ends at 8k): bf16, fp8 KV, ngram and QuantSpec at γ 2, 4 and 8
-    # in one run (e2e-real-h200 has γ = 4 without fp8); resumable
+    # issue 5's real grid on SmolLM2 (its context ends at 8k) in one run: bf16, fp8 KV, ngram (γ=4) and QuantSpec
+    # at γ 4, then QuantSpec at γ 2 and 8 (e2e-real-h200 has γ = 4 without fp8); resumable
     bash benchmarks/gpu_model.sh stage >/dev/null
-    python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,fp8,ngram,quantspec --gammas 4,2,8 \
-      --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" --resume --time-budget 420 2>&1 | grep -v '^{' | tail -30
+    R=(python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" --resume)
+    "${R[@]}" --methods bf16,fp8,ngram,quantspec --gammas 4 --time-budget 300 2>&1 | grep -v '^{' | tail -8
+    "${R[@]}" --methods quantspec --gammas 2,8 --time-budget 120 2>&1 | grep -v '^{' | tail -30
     for f in "$RUNS"/real-gammas/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-gammas-h200.${f##*.}"; done
     ;;
   speculative)
@@ -172,11 +174,15 @@ PY
       --n-out 256 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
     for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
     ;;
-  batches)
-    python benchmarks/bench_e2e.py --part synthetic --points 4x4096,4x65536,4x131072,16x32768 \
-      --methods quantspec,bf16,fp8,draft_model --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 \
-      --quantspec-options "$MARLIN" --n-out 128 --out "$RUNS/batches" --resume --time-budget 420 2>&1 | grep -v '^{'
-    for f in "$RUNS"/batches/e2e-h200.*; do cp "$f" "$OUT/e2e-batches-h200.${f##*.}"; done
+  part-b)
+    # issue 5's synthetic grid in one run: batch 1, 4 and 16 x 4k-128k (a point that does not fit a method's KV
+    # pool is a "skipped" row: bf16 KV cannot hold 16 x 64k, no method 16 x 128k), at vLLM's default
+    # scheduling; one engine about 200-350 s, so a call per METHODS (quantspec | bf16,fp8 | draft_model), resumed
+    python benchmarks/bench_e2e.py --part synthetic --methods "${2:?part-b METHODS}" \
+      --points 1x4096,1x32768,1x65536,1x131072,4x4096,4x32768,4x65536,4x131072,16x4096,16x32768,16x65536,16x131072 \
+      --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$MARLIN" --n-out 128 \
+      --out "$RUNS/part-b" --resume --time-budget 250 2>&1 | grep -v '^{'
+    for f in "$RUNS"/part-b/e2e-h200.*; do cp "$f" "$OUT/e2e-part-b-h200.${f##*.}"; done
     ;;
   qwen)
     # one call for the conversion and the first engines, a second resumes: bf16, fp8, ngram and QuantSpec at
