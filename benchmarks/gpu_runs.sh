@@ -20,9 +20,11 @@
 #   its synchronous run hit its 280 s timeout, the async one passed: now one step each), `b8` (n_out 32 too
 #   few: the batch was not full when timed, rows not kept; bench_e2e now refuses that), `gamma` (γ 2 and 1
 #   done, cut by the call's limit before γ 4)
-#   eighth session: calls 1-3, `part-b quantspec`, `part-b bf16,fp8`, `part-b draft_model` (carrying .gpu/m1),
-#   .gpu/m2 + `real-gammas`
-#   next: `b8`, Qwen γ 2/8 (`qwen`, whole: same-run baselines), `agreement` (synchronous), `tests`
+#   eighth session: calls 1-3 (the third also `part-b quantspec`, 451 s), `part-b bf16` (192 s), `part-b fp8`
+#   (237 s), .gpu/m1 + `part-b draft_model` (228 s), .gpu/m2 + the real-gammas runs by hand with shorter budgets
+#   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
+#   next: calls 1-3, .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`; then Qwen (.gpu/q01..q22, `qwen` twice:
+#   same-run baselines and γ 2/4/8); later `b8`, `agreement` (synchronous), `tests`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -40,7 +42,8 @@
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
-#   real-gammas  SmolLM2, bench_e2e.py's real part: bf16, fp8 KV, ngram and QuantSpec at γ 2, 4 and 8, 1k-8k, one run
+#   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
+#                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
@@ -90,12 +93,13 @@ case "${1:?step: kernels | plain | real | speculative | baselines | phases | ver
     out "$RUNS"/pytest-backend-h200.txt "$RUNS"/e2e-real-h200.*
     ;;
   real-gammas)
-    # issue 5's real grid on SmolLM2 (its context ends at 8k) in one run: bf16, fp8 KV, ngram (γ=4) and QuantSpec
-    # at γ 4, then QuantSpec at γ 2 and 8 (e2e-real-h200 has γ = 4 without fp8); resumable
+    # issue 5's real grid on SmolLM2 (its context ends at 8k) in one run, two calls (a SmolLM2 engine takes about
+    # 70 s): `real-gammas 4` runs bf16, fp8 KV, ngram and QuantSpec at γ=4, `real-gammas 2,8` QuantSpec at γ 2 and 8
     bash benchmarks/gpu_model.sh stage >/dev/null
-    R=(python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" --resume)
-    "${R[@]}" --methods bf16,fp8,ngram,quantspec --gammas 4 --time-budget 300 2>&1 | grep -v '^{' | tail -8
-    "${R[@]}" --methods quantspec --gammas 2,8 --time-budget 120 2>&1 | grep -v '^{' | tail -30
+    methods=quantspec
+    [ "${2:?real-gammas 4 | 2,8}" = 4 ] && methods=bf16,fp8,ngram,quantspec
+    python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" \
+      --resume --methods $methods --gammas "$2" --time-budget 400 2>&1 | grep -v '^{' | tail -30
     for f in "$RUNS"/real-gammas/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-gammas-h200.${f##*.}"; done
     ;;
   speculative)
