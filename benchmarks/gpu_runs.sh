@@ -24,7 +24,7 @@
 #   (237 s), .gpu/m1 + `part-b draft_model` (228 s), .gpu/m2 + the real-gammas runs by hand with shorter budgets
 #   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
 #   next: calls 1-3, .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`; then Qwen (.gpu/q01..q22, `qwen` twice:
-#   same-run baselines and γ 2/4/8); later `b8`, `agreement` (synchronous), `tests`
+#   same-run baselines and γ 2/4/8); later `tune` (after calls 1-3), `b8`, `agreement` (synchronous), `tests`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -41,6 +41,7 @@
 #   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
+#   tune         tune_attention.py --quick: the attention kernel's split count swept at the backend's tiles
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -75,7 +76,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | b8 | part-b | real-gammas | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | tune | b8 | part-b | real-gammas | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -171,6 +172,13 @@ PY
     timeout 500 python benchmarks/agreement.py --model "$MODEL" --prompts 32 --tokens 128 --out "$RUNS" "${mode[@]}" \
       2>&1 | grep -v '^{' | tail -45
     out "$RUNS"/agreement-h200*
+    ;;
+  tune)
+    # the attention kernel's split count at the backend's tiles, 4k-128k (tune_attention.py --quick): whether
+    # _pick_num_splits' floor of 4 tiles per split leaves the GPU idle at short contexts
+    timeout 400 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
+      | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
+    out "$RUNS"/tune-attention-h200.*
     ;;
   b8)
     # n_out outlasts the other requests' chunked prefills (32 did not: bench_e2e refuses such a point now)
