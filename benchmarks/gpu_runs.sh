@@ -41,6 +41,8 @@
 #   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
+#   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
+#                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
 #   tune         tune_attention.py --quick: the attention kernel's split count swept at the backend's tiles
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
@@ -55,6 +57,14 @@ source /tmp/stage/env.sh
 RUNS=/tmp/runs
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$RUNS" "$OUT"
+# Compile caches from an earlier session (the `cache` step's compile-cache.tgz.part-*, put in .gpu/cache and
+# carried with a call): Triton's kernels (ours may be much of QuantSpec's engine start, 143 s against bf16's
+# 56 s in e2e-part-b-h200) and vLLM's compiled graphs. Their entries are keyed by source, configuration
+# and target, so a stale one is a miss.
+COMPILE_CACHES=("$HOME/.triton/cache" "$HOME/.cache/vllm/torch_compile_cache")
+if compgen -G ".gpu/cache/compile-cache.tgz.part-*" >/dev/null && [ ! -f /tmp/.compile-cache-restored ]; then
+  cat .gpu/cache/compile-cache.tgz.part-* | tar -xzP && touch /tmp/.compile-cache-restored && echo "compile caches restored"
+fi
 # batch 1 at every context; batches 4, 8 and 16 where their prefill fits the device time of a session
 POINTS=1x4096,1x32768,1x65536,1x131072,4x4096,4x32768,8x4096,8x32768,8x65536,16x4096
 E2E=(python benchmarks/bench_e2e.py --part synthetic --points "$POINTS" --n-out 64 --out "$RUNS" --resume)
@@ -76,7 +86,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | tune | b8 | part-b | real-gammas | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | part-b | real-gammas | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -179,6 +189,15 @@ PY
     timeout 400 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
       | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
     out "$RUNS"/tune-attention-h200.*
+    ;;
+  cache)
+    # the compile caches this machine built, for the next session: parts of 15 MiB (16 MiB a file, 8 files and
+    # 64 MiB in all come back); over 60 MiB, nothing (and a carried part must fit a call's 64 MiB beside the tree)
+    du -sh "${COMPILE_CACHES[@]}" 2>/dev/null
+    tar -czP "${COMPILE_CACHES[@]}" 2>/dev/null | split -b 15M - "$OUT/compile-cache.tgz.part-"
+    total=$(cat "$OUT"/compile-cache.tgz.part-* | wc -c)
+    echo "compile-cache.tgz: $total bytes in $(ls "$OUT"/compile-cache.tgz.part-* | wc -l) parts"
+    [ "$total" -le $((60 << 20)) ] || { echo "over 60 MiB: not kept"; rm "$OUT"/compile-cache.tgz.part-*; }
     ;;
   b8)
     # n_out outlasts the other requests' chunked prefills (32 did not: bench_e2e refuses such a point now)
