@@ -13,6 +13,7 @@ which assumes every scheduler issues every cycle; real kernels issue well below 
 
 import argparse
 import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -40,15 +41,18 @@ POINTERS = {"q_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "kr_ptr": "*
 SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
 # other launch parameters of the INT4 decode loop (warps, BLOCK_N): does any issue less per token?
 SWEEP = [(1, 128), (2, 128), (8, 128), (1, 64), (4, 64), (1, 32)]
+# register caps of the decode loop (paged_attention's maxnreg): 3 or 4 programs of 4 warps per SM, for spills
+MAXNREG = (168, 128)
 
 
-def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None):
+def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None,
+                 maxnreg: int | None = None):
     t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps)
     const = t.constants(HQ, HQ // H, D, G, D, mode, direct=False, write_ring=True)  # the backend's launch
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in _paged_attention_kernel.arg_names}
     k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=t.num_warps, num_stages=2))
+                       options=dict(num_warps=t.num_warps, num_stages=2, **({"maxnreg": maxnreg} if maxnreg else {})))
     return k, t
 
 
@@ -133,6 +137,15 @@ def main() -> None:
         usage, loops = sass_report(write_cubin(k, tmp))
         n, ops, _ = loops[0]
         lines.append(f"  warps={warps} BLOCK_N={block_n}: {n * warps / block_n:.1f} per token, "
+                     f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
+    lines += ["", "decode at the backend's tiles with a register cap (maxnreg; 65536 registers per SM hold 2 programs "
+              "of 4 warps at 255, 3 at 168, 4 at 128): the page loop's warp instructions per token and KV head, "
+              "spill loads/stores in it"]
+    for mode, maxnreg in itertools.product(("int4", "int8"), MAXNREG):
+        k, t = compile_sm90(1, mode, maxnreg=maxnreg)
+        usage, loops = sass_report(write_cubin(k, tmp))
+        n, ops, _ = loops[0]
+        lines.append(f"  {mode} maxnreg={maxnreg}: {n * t.num_warps / t.block_n:.1f} per token, "
                      f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
     text = "\n".join(lines)
     print(text)

@@ -6,7 +6,9 @@ pipeline stages and split-K count, per shape and mode. Prints the best configs a
 The split count is swept directly (powers of two up to one tile per split), not through
 `_pick_num_splits`: at short contexts its floor of 4 tiles per split caps the programs a decode step
 launches (batch 1 x 8 kv heads at 4k: 8 splits, 64 programs for 132 SMs), and the sweep shows what
-more splits would buy. --quick: the backend's tile, warps and stages only (one compile per mode).
+more splits would buy. So is a register cap (MAXNREG): the decode kernel holds 255 registers, two
+programs per SM, and per-tile times (`kernels-h200`: about 4-7 µs a tile at any context) say it waits
+on latency rather than issue. --quick: the backend's tile, warps and stages only.
 """
 
 import argparse
@@ -19,6 +21,9 @@ import torch
 from bench_kernels import HQ, D, G, H, quantized_case, timed
 from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_splits, paged_attention
 
+# registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3 or 4
+# programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
+MAXNREG = (None, 168, 128)
 SHAPES = [(1, 4096, 1), (1, 4096, 5), (1, 8192, 1), (1, 32768, 1), (1, 131072, 1), (1, 32768, 5), (1, 131072, 5),
           (8, 32768, 1), (8, 32768, 5), (8, 131072, 1)]
 
@@ -33,23 +38,23 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in ("int4", "int8"):
             default_tiles = Tiles.of(q_len, HQ // H, G)
-            launches = ([(default_tiles.block_n, default_tiles.num_warps, 2)] if args.quick
-                        else itertools.product((64, 128), (4, 8), (2, 3)))
+            launches = (((default_tiles.block_n,), (default_tiles.num_warps,), (2,)) if args.quick
+                        else ((64, 128), (4, 8), (2, 3)))
             rows = []
-            for block_n, warps, stages in launches:
+            for block_n, warps, stages, maxnreg in itertools.product(*launches, MAXNREG):
                 units = ctx // block_n
                 picked = _pick_num_splits(batch * H, units)
                 for splits in sorted({2 ** k for k in range(9) if 2 ** k <= units} | {picked}):
                     try:
                         us = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
                                                            max_query_len=q_len, max_seq_len=ctx, num_splits=splits,
-                                                           block_n=block_n, num_warps=warps, num_stages=stages),
-                                   rep=40)
+                                                           block_n=block_n, num_warps=warps, num_stages=stages,
+                                                           maxnreg=maxnreg), rep=40)
                     except Exception as e:  # noqa: BLE001 (out of resources for a config: skip it)
-                        print("skip", block_n, warps, stages, splits, type(e).__name__)
+                        print("skip", block_n, warps, stages, maxnreg, splits, type(e).__name__)
                         continue
                     rows.append(dict(batch=batch, ctx=ctx, q_len=q_len, mode=mode, block_n=block_n, warps=warps,
-                                     stages=stages, splits=splits, tiles_per_split=units / splits, us=us,
+                                     stages=stages, maxnreg=maxnreg, splits=splits, tiles_per_split=units / splits, us=us,
                                      GBps=case["bytes"][mode] / us / 1e3))
             default = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
                                                     max_query_len=q_len, max_seq_len=ctx))
@@ -60,7 +65,7 @@ def main():
             print(json.dumps(dict(best=b, default_us=default, default_splits=heuristic, n_configs=len(rows))),
                   flush=True)
             for r in rows[:5]:
-                print("   ", r["block_n"], r["warps"], r["stages"], r["splits"], f"{r['us']:.1f}us",
+                print("   ", r["block_n"], r["warps"], r["stages"], r["maxnreg"], r["splits"], f"{r['us']:.1f}us",
                       f"{r['GBps']:.0f}GB/s", flush=True)
         del case
         torch.cuda.empty_cache()

@@ -458,7 +458,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
                     ring_dst: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None,
-                    num_stages: int = 2, batch_invariant: bool = False):
+                    num_stages: int = 2, maxnreg: int | None = None, batch_invariant: bool = False):
     """Triton twin of the reference attention (same arguments and result). `max_query_len` /
     `max_seq_len` are host-side bounds (vLLM's attention metadata has them): passing them avoids a
     device sync; `num_splits` overrides the split-K heuristic. With `ring_dst` (int64 [T], flat rows of
@@ -466,7 +466,9 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     backend's ring write would after the attention (only for queries short enough that the ring holds
     them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
     are the fastest measured on an H100: decode/verify (M <= 32 rows) 4 warps over 128-token tiles,
-    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills).
+    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills). `maxnreg` caps
+    the registers per thread (ptxas spills the rest): tune_attention.py measures whether more programs per
+    SM pay for the spills; unset, ptxas takes what it needs (255 for decode: two programs per SM).
 
     `batch_invariant` (vLLM's VLLM_BATCH_INVARIANT mode): a query token's row comes out bit for bit
     the same whatever else the call holds (its own query's length, the batch), as vLLM's FlashAttention
@@ -521,7 +523,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out, out.stride(0), out.stride(1), po, plse, ring_dst if write_ring else seq_lens,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
         **tiles.constants(HQ, grp, D, G, VG, mode, direct=num_splits == 1, write_ring=write_ring),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     if num_splits > 1:
         _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), num_splits, HQ=HQ, D=D,
                                SPLITS_P2=triton.next_power_of_2(num_splits))
