@@ -107,6 +107,16 @@ def source_lines(path: str, span: tuple[int, int], top: int = 10) -> list[str]:
             + [f"  {triton_lib:5d}  in all from Triton's own library code (tl.max / tl.sum reductions and the like)"])
 
 
+def page_loop_summary(q_len: int, mode: str, tmp: str, block_n: int | None = None, num_warps: int | None = None,
+                      maxnreg: int | None = None) -> str:
+    """One launch variant's page loop: warp instructions per token and KV head, spill loads/stores in it,
+    and the resource line."""
+    k, t = compile_sm90(q_len, mode, block_n, num_warps, maxnreg)
+    usage, loops = sass_report(write_cubin(k, tmp))
+    n, ops, _ = loops[0]
+    return f"{n * t.num_warps / t.block_n:.1f} per token, LDL+STL {ops['LDL'] + ops['STL']}  ({usage})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
@@ -133,20 +143,12 @@ def main() -> None:
               "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with "
               "BLOCK_N < G the loop's page-start branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
-        k, t = compile_sm90(1, "int4", block_n, warps)
-        usage, loops = sass_report(write_cubin(k, tmp))
-        n, ops, _ = loops[0]
-        lines.append(f"  warps={warps} BLOCK_N={block_n}: {n * warps / block_n:.1f} per token, "
-                     f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
+        lines.append(f"  warps={warps} BLOCK_N={block_n}: " + page_loop_summary(1, "int4", tmp, block_n, warps))
     lines += ["", "decode at the backend's tiles with a register cap (maxnreg; 65536 registers per SM hold 2 programs "
               "of 4 warps at 255, 3 at 168, 4 at 128): the page loop's warp instructions per token and KV head, "
               "spill loads/stores in it"]
     for mode, maxnreg in itertools.product(("int4", "int8"), MAXNREG):
-        k, t = compile_sm90(1, mode, maxnreg=maxnreg)
-        usage, loops = sass_report(write_cubin(k, tmp))
-        n, ops, _ = loops[0]
-        lines.append(f"  {mode} maxnreg={maxnreg}: {n * t.num_warps / t.block_n:.1f} per token, "
-                     f"LDL+STL {ops['LDL'] + ops['STL']}  ({usage})")
+        lines.append(f"  {mode} maxnreg={maxnreg}: " + page_loop_summary(1, mode, tmp, maxnreg=maxnreg))
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -9,8 +9,9 @@ and the bf16 lm_head it shares with the target, plus the INT4 view of the cache 
 metadata); then the target's weights and the INT8 view (both planes) once to verify. Page bytes come from
 `HierarchicalPageLayout`, the model shape from `bench_e2e.LLAMA_8B`, the bandwidth from the kernel
 benchmark's copy measurement, the accepted tokens per step from real-model acceptance per draft position
-(the first γ positions' rates of the largest γ a result measured: 4 on the GPU, 8 in fp32 on the CPU). The full-precision recent buffer (at most 2G + γ + 1
-tokens a request) is left out: it is under 0.2% of the bytes at 4k.
+(the first γ positions' rates of the largest γ a result measured: 4 on the GPU, 8 in fp32 on the CPU).
+The full-precision recent buffer (at most 2G + γ + 1 tokens a request) is left out: it is under 0.2% of
+the bytes at 4k.
 
 Ideal ms = bytes / bandwidth. "ceiling" = ideal bf16 / ideal QuantSpec: the best speedup the design allows
 with equally efficient kernels. Issue 5's targets (1.8x at 4k, 2.5x at 32k, 2.8x at 64k-128k) sit above it
@@ -31,6 +32,7 @@ from bench_e2e import LLAMA_8B  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGETS = {4096: 1.8, 32768: 2.5, 65536: 2.8, 131072: 2.8}  # issue 5, against bf16, batch 1
 WEIGHT_GROUP = 128  # the draft's int4 weight group (fp16 scale per group)
+G = 128  # tokens per KV page (kv_group_size's default)
 
 
 def model_bytes(cfg: dict) -> dict[str, float]:
@@ -42,14 +44,14 @@ def model_bytes(cfg: dict) -> dict[str, float]:
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     linear = layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg["intermediate_size"])
     lm_head = h * cfg["vocab_size"]
-    page = HierarchicalPageLayout(128, cfg["num_key_value_heads"], d)
+    page = HierarchicalPageLayout(G, cfg["num_key_value_heads"], d)
     shapes = page.region_shapes()
     upper = sum(math.prod(s) * t.itemsize for name, (s, t) in shapes.items() if not name.endswith("_lo"))
     int4 = 0.5 + 2 / WEIGHT_GROUP  # bytes per int4 weight with its group's fp16 scale
     return {"target": 2 * (linear + lm_head), "draft": linear * int4 + 2 * lm_head,
             "draft_int4_lm_head": (linear + lm_head) * int4,  # the quantize_lm_head option
-            "kv_bf16": layers * 2 * kv * 2, "kv_int8": layers * page.page_bytes / 128,
-            "kv_int4": layers * upper / 128}
+            "kv_bf16": layers * 2 * kv * 2, "kv_int8": layers * page.page_bytes / G,
+            "kv_int4": layers * upper / G}
 
 
 def accepted_per_position(path: str) -> tuple[list[float], str]:
@@ -57,7 +59,8 @@ def accepted_per_position(path: str) -> tuple[list[float], str]:
     rows = [r for r in json.load(open(path))["rows"]
             if r["method"] == "quantspec" and r.get("acceptance_per_pos")]
     r = max(rows, key=lambda r: (r["gamma"], r["ctx"]))
-    return r["acceptance_per_pos"], f"{r['model']} {r['dtype']}, ctx {r['ctx']}, γ={r['gamma']} ({os.path.basename(path)})"
+    source = f"{r['model']} {r['dtype']}, ctx {r['ctx']}, γ={r['gamma']} ({os.path.basename(path)})"
+    return r["acceptance_per_pos"], source
 
 
 def main() -> None:
@@ -95,8 +98,10 @@ def main() -> None:
                     row["measured_quantspec_ms"] = measured[("quantspec", batch, ctx)]
                 rows.append(row)
     device = e2e["device"]
-    result = {"device": device, "command": " ".join(["python"] + sys.argv), "copy_GBps": round(bw / 1e9),
-              "bytes": {k: round(v) for k, v in b.items()}, "e2e": os.path.basename(args.e2e), "rows": rows}
+    result = {"device": device, "vllm": e2e["vllm"], "torch": e2e["torch"], "command": " ".join(["python"] + sys.argv),
+              "copy_GBps": round(bw / 1e9),
+              "bytes": {k: round(v) for k, v in b.items()}, "e2e": os.path.basename(args.e2e),
+              "e2e_accept_length": e2e["accept_length"], "kernels": os.path.basename(args.kernels), "rows": rows}
     stem = os.path.join(args.out, f"roofline-{device.split()[-1].lower()}")
     json.dump(result, open(stem + ".json", "w"), indent=1)
     write_table_and_plot(result, stem)
@@ -112,19 +117,19 @@ def write_table_and_plot(result: dict, stem: str) -> None:
             best[k] = r
     lines = [f"# QuantSpec's byte-bound ceiling, Llama-3.1-8B shape, {result['device']}", "",
              f"`{result['command']}`. Every kernel at the copy bandwidth ({result['copy_GBps']} GB/s, "
-             f"`kernels-h200.json`). Bytes a step reads: target weights {b['target'] / 1e9:.2f} GB, draft "
+             f"`{result['kernels']}`). Bytes a step reads: target weights {b['target'] / 1e9:.2f} GB, draft "
              f"weights {b['draft'] / 1e9:.2f} GB (int4 linears with group-128 scales, the bf16 lm_head shared; "
              f"{b['draft_int4_lm_head'] / 1e9:.2f} GB with `quantize_lm_head`), "
              f"KV per token {b['kv_bf16'] / 1024:.0f} KiB in bf16, {b['kv_int8'] / 1024:.1f} KiB INT8, "
              f"{b['kv_int4'] / 1024:.1f} KiB INT4. Measured rows: `{result['e2e']}` (QuantSpec at γ=4, async "
-             "scheduling, synthetic acceptance 4.08).", "",
+             f"scheduling, synthetic acceptance {result['e2e_accept_length']:.2f}).", "",
              "Ceiling = ideal bf16 ms / ideal QuantSpec ms per token, at the γ (up to the largest measured) that "
              "maximizes it: the best speedup with kernels as efficient as bf16's. Measured bf16 / ideal QuantSpec: "
              "QuantSpec's kernels at the copy bandwidth against vLLM bf16 as it runs (an upper bound no kernel "
              "reaches). Target: issue 5's speedup over bf16 (batch 1).", "",
              "| acceptance (real, per position) | batch | ctx | best γ | tokens / step | ideal bf16 ms | ideal "
-             "QuantSpec ms/token | ceiling | with int4 lm_head | measured bf16 / ideal QuantSpec | target | measured bf16 ms | measured QuantSpec γ=4 ms "
-             "| measured speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "QuantSpec ms/token | ceiling | with int4 lm_head | measured bf16 / ideal QuantSpec | target | measured "
+             "bf16 ms | measured QuantSpec γ=4 ms | measured speedup |", "|---" * 14 + "|"]
     for (source, batch, ctx), r in best.items():
         at4 = next((x for x in result["rows"] if (x["acceptance"], x["batch"], x["ctx"], x["gamma"])
                     == (source, batch, ctx, 4)), {})
