@@ -186,7 +186,7 @@ PY
   tune)
     # the attention kernel's split count at the backend's tiles, 4k-128k (tune_attention.py --quick): whether
     # _pick_num_splits' floor of 4 tiles per split leaves the GPU idle at short contexts
-    timeout 400 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
+    timeout 450 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
       | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
     out "$RUNS"/tune-attention-h200.*
     ;;

@@ -37,6 +37,12 @@ POINTERS = {"q_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "kr_ptr": "*
             "khi_ptr": "*u8", "vhi_ptr": "*u8", "klo_ptr": "*u8", "vlo_ptr": "*u8",
             "ksc_ptr": "*fp16", "kmn_ptr": "*fp16", "vsc_ptr": "*fp16", "vmn_ptr": "*fp16",
             "out_ptr": "*bf16", "po_ptr": "*fp32", "plse_ptr": "*fp32", "rd_ptr": "*i64"}
+# What Triton's JIT specializes at the backend's launch (8B shape): every pointer and these strides are
+# multiples of 16 (tt.divisibility, which lets it vectorize the code loads to 16 bytes), and vm_t (one
+# value group per token) is 1, compiled in as a constant.
+STRIDES_16 = ("sq_t", "sq_h", "skn_t", "skn_h", "svn_t", "svn_h", "sr_s", "sr_r", "sr_h", "pl_blk", "pl_h", "pl_t",
+              "km_blk", "km_h", "vmn_words", "vm_blk", "vm_h", "so_t", "so_h")
+ONES = {"vm_t": 1}
 # (label, query tokens per sequence, mode) as the backend launches them: decode / draft step, γ=4 verify
 SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
 # other launch parameters of the INT4 decode loop (warps, BLOCK_N): does any issue less per token?
@@ -48,10 +54,12 @@ MAXNREG = (168, 128)
 def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None,
                  maxnreg: int | None = None):
     t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps)
-    const = t.constants(HQ, HQ // H, D, G, D, mode, direct=False, write_ring=True)  # the backend's launch
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
-           for n in _paged_attention_kernel.arg_names}
-    k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+    const = t.constants(HQ, HQ // H, D, G, D, mode, direct=False, write_ring=True) | ONES  # the backend's launch
+    names = _paged_attention_kernel.arg_names
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n in STRIDES_16}
+    k = triton.compile(ASTSource(_paged_attention_kernel, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=t.num_warps, num_stages=2, **({"maxnreg": maxnreg} if maxnreg else {})))
     return k, t
 

@@ -74,6 +74,20 @@ def _interleave4(a0, a1, a2, a3):
 
 
 @triton.jit
+def _fp16_halves(w):
+    """int32 words -> their low and high fp16 halves, as fp32."""
+    lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo.to(tl.float32), hi.to(tl.float32)
+
+
+@triton.jit
+def _interleave2(a, b):
+    """[W] x 2 -> [2W] with element 2w + j from (a, b)[j]."""
+    return tl.reshape(tl.join(a, b), [a.shape[0] * 2])
+
+
+@triton.jit
 def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr, EMULATE: tl.constexpr):
     """Even- and odd-channel codes [N, D/2] of a plane tile as fp16 dot operands 1024 + c.
 
@@ -167,7 +181,7 @@ def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o):
 @triton.jit
 def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row,
                b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
-               ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,
+               ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t,
                D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
                EMULATE: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK_N-token tile of a page (unit u of the sequence) folded into the online softmax.
@@ -182,12 +196,15 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
     # int32 word offsets (pl_t is a multiple of 4): 64-bit offsets would double the registers
     tile_off = n[:, None] * (pl_t // 4) + tl.arange(0, D // 8)[None, :]
     # Keys: the per-channel scale goes into the weights, the offset into one row term. The metadata
-    # loads stay outside the branch so that the pipeliner prefetches them with the codes.
-    km = blk * km_blk + h * km_h + 2 * i
-    sc_e = tl.load(ksc_ptr + km).to(tl.float32) * qk_scale  # log2-domain scores
-    sc_o = tl.load(ksc_ptr + km + 1).to(tl.float32) * qk_scale
-    off_e = tl.load(kmn_ptr + km).to(tl.float32) * qk_scale
-    off_o = tl.load(kmn_ptr + km + 1).to(tl.float32) * qk_scale
+    # loads stay outside the branch, and load 32-bit words (word i: channels 2i and 2i+1, the even and
+    # odd streams), so that the pipeliner prefetches them with the codes (it skips loads under 4 bytes).
+    km = (blk * km_blk + h * km_h) // 2 + i
+    sc_e, sc_o = _fp16_halves(tl.load(ksc_ptr.to(tl.pointer_type(tl.int32)) + km))
+    off_e, off_o = _fp16_halves(tl.load(kmn_ptr.to(tl.pointer_type(tl.int32)) + km))
+    sc_e *= qk_scale  # log2-domain scores
+    sc_o *= qk_scale
+    off_e *= qk_scale
+    off_o *= qk_scale
     if (u % sub == 0) | (u == u_start):
         if INT8:  # code 16*U + L: step s/16, offset min - 7.5*s/16
             off_e -= sc_e * (7.5 / 16)
@@ -207,11 +224,16 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
 
     # Values: the per-token scale goes into p (one power-of-two scale for the tile), the offset
     # into one row term.
-    vm = blk * vm_blk + h * vm_h + rows * vm_t
     c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8, EMULATE)
     if VG == D:
-        vsc = tl.load(vsc_ptr + vm).to(tl.float32)
-        voff = tl.load(vmn_ptr + vm).to(tl.float32)
+        # 32-bit words again (word j: tokens 2j and 2j+1; vm_t == 1), scale and offset in one load (the
+        # offsets sit vmn_words words after the scales): the pipeliner prefetches only loads that feed a
+        # dot, and the offsets alone do not. Then back in token order.
+        vw = (blk * vm_blk + h * vm_h) // 2 + (u % sub) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        sw, mw = tl.split(tl.load(vsc_ptr.to(tl.pointer_type(tl.int32)) + vw[:, None] +
+                                  tl.arange(0, 2)[None, :] * vmn_words))
+        vsc = _interleave2(*_fp16_halves(sw))
+        voff = _interleave2(*_fp16_halves(mw))
         if INT8:
             voff -= vsc * (7.5 / 16)
             vsc *= 0.0625
@@ -224,7 +246,7 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
     else:
         # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
         # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
-        vg = vm[:, None] + (2 * i[None, :]) // VG
+        vg = (blk * vm_blk + h * vm_h + rows * vm_t)[:, None] + (2 * i[None, :]) // VG
         vsc = tl.load(vsc_ptr + vg).to(tl.float32)
         voff = tl.load(vmn_ptr + vg).to(tl.float32)
         if INT8:
@@ -259,7 +281,7 @@ def _paged_attention_kernel(
     qsl_ptr, seq_lens_ptr, bt_ptr, s_bt, slot_ptr, fp_keep,
     khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,   # planes [nb, H, G, D/2]
     ksc_ptr, kmn_ptr, km_blk, km_h,                          # k_scale / k_min [nb, H, D]
-    vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,                    # v_scale / v_min [nb, H, G, D/VG]
+    vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t,         # v_scale / v_min [nb, H, G, D/VG]
     out_ptr, so_t, so_h,                        # out [T, Hq, D]
     po_ptr, plse_ptr,                           # partials [T, Hq, num_splits, D] fp32, [T, Hq, num_splits]
     rd_ptr,                                     # ring_dst [T] i64: flat ring row of each new token
@@ -323,7 +345,7 @@ def _paged_attention_kernel(
     w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
     row_k = tl.zeros([BLOCK_M], tl.float32)
     page_args = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
-                 ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t)
+                 ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t)
     n_whole = (q_lo // G) * sub
     u_mid = tl.minimum(u_hi, n_whole)
     for u in range(u_lo, u_mid):
@@ -512,6 +534,9 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     else:
         po = plse = out  # unused
     pv = layout.views(pages)
+    vmn_words, rem = divmod(pv.v_min.data_ptr() - pv.v_scale.data_ptr(), 4)
+    assert VG != D or (pv.v_scale.stride(2) == 1 and rem == 0 and pv.v_min.stride() == pv.v_scale.stride()), \
+        "per-token value metadata is read as 32-bit pairs of tokens, scales and offsets in one load"
     _paged_attention_kernel[(n_qblocks * num_splits, H, B)](
         q, q.stride(0), q.stride(1),
         k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0), v_new.stride(1),
@@ -519,7 +544,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         query_start_loc, seq_lens, block_table, block_table.stride(0), ring_slot, fp_keep,
         pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3],
         pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
-        pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
+        pv.v_scale, pv.v_min, vmn_words, *pv.v_scale.stride()[:3],
         out, out.stride(0), out.stride(1), po, plse, ring_dst if write_ring else seq_lens,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
         **tiles.constants(HQ, grp, D, G, VG, mode, direct=num_splits == 1, write_ring=write_ring),
