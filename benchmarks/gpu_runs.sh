@@ -23,8 +23,9 @@
 #   eighth session: calls 1-3 (the third also `part-b quantspec`, 451 s), `part-b bf16` (192 s), `part-b fp8`
 #   (237 s), .gpu/m1 + `part-b draft_model` (228 s), .gpu/m2 + the real-gammas runs by hand with shorter budgets
 #   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
-#   next: calls 1-3, .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`; then Qwen (.gpu/q01..q22, `qwen` twice:
-#   same-run baselines and γ 2/4/8); later `tune` (after calls 1-3), `b8`, `agreement` (synchronous), `tests`
+#   ninth session: calls 1-3 (the third also `tune`), the kernels' GPU tests; after the split-count change, calls 1-3
+#   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
+#   next: Qwen (.gpu/q01..q22, `qwen` twice: same-run baselines and γ 2/4/8); `b8`, `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -49,6 +50,7 @@
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
+#   batch1       bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -86,7 +88,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | part-b | real-gammas | qwen}" in
+case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
       2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
@@ -106,11 +108,12 @@ case "${1:?step: kernels | plain | real | speculative | baselines | phases | ver
   real-gammas)
     # issue 5's real grid on SmolLM2 (its context ends at 8k) in one run, two calls (a SmolLM2 engine takes about
     # 70 s): `real-gammas 4` runs bf16, fp8 KV, ngram and QuantSpec at γ=4, `real-gammas 2,8` QuantSpec at γ 2 and 8
+    # (the second call lists γ=4 and the baselines again: --resume skips the engines the first one finished)
     bash benchmarks/gpu_model.sh stage >/dev/null
-    methods=quantspec
-    [ "${2:?real-gammas 4 | 2,8}" = 4 ] && methods=bf16,fp8,ngram,quantspec
+    gammas=4
+    [ "${2:?real-gammas 4 | 2,8}" = 4 ] || gammas="4,$2"
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" \
-      --resume --methods $methods --gammas "$2" --time-budget 400 2>&1 | grep -v '^{' | tail -30
+      --resume --methods bf16,fp8,ngram,quantspec --gammas "$gammas" --time-budget 400 2>&1 | grep -v '^{' | tail -30
     for f in "$RUNS"/real-gammas/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-gammas-h200.${f##*.}"; done
     ;;
   speculative)
@@ -204,6 +207,14 @@ PY
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \
       --n-out 256 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
     for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
+    ;;
+  batch1)
+    # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them: the ninth session's attention kernel changes
+    # (metadata loads prefetched, one page tile per split allowed) end to end, in one run
+    python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
+      --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$MARLIN" --n-out 128 \
+      --out "$RUNS/batch1" --resume --time-budget 420 2>&1 | grep -v '^{'
+    for f in "$RUNS"/batch1/e2e-h200.*; do cp "$f" "$OUT/e2e-batch1-h200.${f##*.}"; done
     ;;
   part-b)
     # issue 5's synthetic grid in one run: batch 1, 4 and 16 x 4k-128k (a point that does not fit a method's KV

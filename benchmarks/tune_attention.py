@@ -1,14 +1,14 @@
-"""Sweep the attention kernel's launch parameters on the GPU (no vLLM needed): page tile, warps,
-pipeline stages and split-K count, per shape and mode. Prints the best configs and the heuristic's.
+"""Sweep the attention kernel's launch parameters on the GPU: page tile, warps, pipeline stages,
+register cap and split-K count, per shape and mode, with vLLM's FA3 over a bf16 cache at each shape
+in the same run. Prints the best configs and the backend's default; --report draws the table and plot.
 
     python benchmarks/tune_attention.py [--json out.json] [--quick]
+    python benchmarks/tune_attention.py --report benchmarks/results/tune-attention-h200.json
 
-The split count is swept directly (powers of two up to one tile per split), not through
-`_pick_num_splits`: at short contexts its floor of 4 tiles per split caps the programs a decode step
-launches (batch 1 x 8 kv heads at 4k: 8 splits, 64 programs for 132 SMs), and the sweep shows what
-more splits would buy. So are a register cap (MAXNREG) and deeper pipelining (STAGES): the decode
-kernel holds 255 registers, two programs per SM, and per-tile times (`kernels-h200`: about 4-7 µs a
-tile at any context) say it waits on latency rather than issue; both put more bytes in flight.
+The split count is swept directly (powers of two up to one tile per split, and the backend's pick).
+So are a register cap (MAXNREG: 3 or 4 programs of 4 warps per SM instead of 2, at the cost of
+spills) and deeper pipelining (STAGES): per-tile times (`kernels-h200`: about 4-7 µs a tile at any
+context) say the kernel waits on latency, and both put more bytes in flight.
 --quick: the backend's tile and warps, the launches an engine makes (draft steps: INT4, one query
 token; verify: INT8, γ+1 = 5), at the e2e grid's batch x context.
 """
@@ -33,12 +33,67 @@ QUICK_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (4, 32768), (16, 4096)]
 QUICK_MODES = (("int4", 1), ("int8", 5))  # (mode, query tokens): a draft step, a γ=4 verify
 
 
+def report(path: str) -> None:
+    """Markdown table and PNG beside a sweep's JSON: per shape, FA3, the default launch as measured in the
+    sweep (its split count then), the best config, and µs against the split count at ptxas' registers."""
+    import collections
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.load(open(path))
+    rows = res["rows"]
+    shapes = collections.defaultdict(list)
+    for r in rows:
+        shapes[(r["mode"], r["q_len"], r["batch"], r["ctx"])].append(r)
+    md = ["# Attention kernel launch sweep: " + path.rsplit("/", 1)[-1], "",
+          f"{res['device']}, vLLM {res['vllm']}, torch {res['torch']}, triton {res['triton']}, {res['date']}. "
+          f"Command: `{res['command']}`", "",
+          "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
+          "ran (its split count in brackets); best: over stages x register cap x splits.", "",
+          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (stages, maxnreg, splits) |",
+          "|---|---|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (mode, q_len, batch, ctx), rs in sorted(shapes.items()):
+        d = next(r for r in rs if r.get("default"))
+        sweep = sorted((r for r in rs if not r.get("default")), key=lambda r: r["us"])
+        b = sweep[0]
+        md.append(f"| {mode} | {q_len} | {batch} | {ctx} | {d['fa3_us']:.1f} | {d['us']:.1f} ({d['splits']}) | "
+                  f"{b['us']:.1f} | {b['stages']}, {b['maxnreg']}, {b['splits']} |")
+        curve = sorted((r["splits"], r["us"]) for r in sweep if r["stages"] == 2 and r["maxnreg"] is None)
+        ax = axes[0 if mode == "int4" else 1]
+        line, = ax.plot(*zip(*curve), marker="o", ms=3, label=f"{batch} x {ctx // 1024}k")
+        ax.axhline(d["fa3_us"], color=line.get_color(), ls=":", lw=1)
+    for ax, title in zip(axes, ("INT4, 1 query token (draft step)", "INT8, 5 query tokens (γ=4 verify)")):
+        ax.set(xscale="log", yscale="log", xlabel="splits", ylabel="µs", title=title + "; dotted: FA3 bf16")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    stem = path[:-len(".json")]
+    fig.savefig(stem + ".png", dpi=110)
+    open(stem + ".md", "w").write("\n".join(md) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="sweep the split count at the backend's tiles only")
+    ap.add_argument("--report", help="a sweep's JSON: write its markdown table and PNG beside it")
     args = ap.parse_args()
-    results = []
+    if args.report:
+        return report(args.report)
+    import datetime
+    import sys
+
+    import triton
+    import vllm
+
+    res = dict(device=torch.cuda.get_device_name(), vllm=vllm.__version__, torch=torch.__version__,
+               triton=triton.__version__, command="python " + " ".join(sys.argv),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rows=[])
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
+    results = res["rows"]
     cases = ([(b, ctx, q_len, (mode,)) for b, ctx in QUICK_SHAPES for mode, q_len in QUICK_MODES] if args.quick
              else [(b, ctx, q_len, ("int4", "int8")) for b, ctx, q_len in SHAPES])
     for batch, ctx, q_len, modes in cases:
@@ -80,7 +135,7 @@ def main():
                 print("   ", r["block_n"], r["warps"], r["stages"], r["maxnreg"], r["splits"], f"{r['us']:.1f}us",
                       f"{r['GBps']:.0f}GB/s", flush=True)
             if args.json:  # after every shape: a run its time limit cuts keeps what it measured
-                json.dump(results, open(args.json, "w"))
+                json.dump(res, open(args.json, "w"))
         del case
         torch.cuda.empty_cache()
     print("SMs", _num_sms())
