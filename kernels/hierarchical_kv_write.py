@@ -73,7 +73,7 @@ def _write_groups_kernel(
     blocks_ptr,                                      # dest_blocks [n]
     khi_ptr, klo_ptr, p_blk, p_head, p_tok,          # k_hi / k_lo [nb, H, G, D/2]
     ksc_ptr, kmn_ptr, km_blk, km_head,               # k_scale / k_min [nb, H, D]
-    vhi_ptr, vlo_ptr,                                # v_hi / v_lo [nb, H, G, D/2] (k's strides)
+    vhi_ptr, vlo_ptr, pv_blk, pv_head, pv_tok, pv_pair,  # v_hi / v_lo [nb, H, G, D/2] (token-minor)
     vsc_ptr, vmn_ptr, vm_blk, vm_head, vm_tok,       # v_scale / v_min [nb, H, G, D/VG]
     G: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_KEY_PROGRAMS: tl.constexpr,
     NG: tl.constexpr, VG: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -90,7 +90,8 @@ def _write_groups_kernel(
                     p_tok, ksc_ptr, kmn_ptr, km_blk, km_head, G, BLOCK_DK)
     else:
         _write_values(v_ptr, sv_tok, sv_head, rows_ptr + j * s_rows, blk, h, c - NUM_KEY_PROGRAMS, vhi_ptr,
-                      vlo_ptr, p_blk, p_head, p_tok, vsc_ptr, vmn_ptr, vm_blk, vm_head, vm_tok, NG, VG, BLOCK_T)
+                      vlo_ptr, pv_blk, pv_head, pv_tok, pv_pair, vsc_ptr, vmn_ptr, vm_blk, vm_head, vm_tok, NG, VG,
+                      BLOCK_T)
 
 
 @triton.jit
@@ -123,7 +124,7 @@ def _write_keys(src_ptr, s_tok, s_head, rows_ptr, blk, h, cb, hi_ptr, lo_ptr, p_
 
 
 @triton.jit
-def _write_values(src_ptr, s_tok, s_head, rows_ptr, blk, h, tb, hi_ptr, lo_ptr, p_blk, p_head, p_tok,
+def _write_values(src_ptr, s_tok, s_head, rows_ptr, blk, h, tb, hi_ptr, lo_ptr, p_blk, p_head, p_tok, p_pair,
                   sc_ptr, mn_ptr, m_blk, m_head, m_tok, NG: tl.constexpr, VG: tl.constexpr, BLOCK_T: tl.constexpr):
     """BLOCK_T tokens of all D channels of group `rows_ptr` (min/max over each v_group)."""
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -142,7 +143,7 @@ def _write_values(src_ptr, s_tok, s_head, rows_ptr, blk, h, tb, hi_ptr, lo_ptr, 
     hie, loe = _codes(xe, mn[:, :, None], s[:, :, None])
     hio, loo = _codes(xo, mn[:, :, None], s[:, :, None])
 
-    p_off = blk * p_blk + h * p_head + t[:, None, None] * p_tok + pair
+    p_off = blk * p_blk + h * p_head + t[:, None, None] * p_tok + pair * p_pair
     tl.store(hi_ptr + p_off, hie | (hio << 4))
     tl.store(lo_ptr + p_off, loe | (loo << 4))
     m_off = blk * m_blk + h * m_head + t[:, None] * m_tok + g[None, :]
@@ -165,10 +166,9 @@ def write_groups(pages: torch.Tensor, layout, src_k: torch.Tensor, src_v: torch.
     block_dk = min(D, 32)  # 32 channels x G tokens per program keeps the fp32 tile in registers
     block_t = min(G, max(1, 4096 // D))
     n_key = D // block_dk
-    assert pv.v_hi.stride() == pv.k_hi.stride()
     _write_groups_kernel[(n, H, n_key + G // block_t)](
         src_k, src_k.stride(0), src_k.stride(1), src_v, src_v.stride(0), src_v.stride(1),
         src_rows, src_rows.stride(0), dest_blocks,
         pv.k_hi, pv.k_lo, *pv.k_hi.stride()[:3], pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2],
-        pv.v_hi, pv.v_lo, pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
+        pv.v_hi, pv.v_lo, *pv.v_hi.stride(), pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
         G=G, BLOCK_DK=block_dk, NUM_KEY_PROGRAMS=n_key, NG=D // VG, VG=VG, BLOCK_T=block_t)

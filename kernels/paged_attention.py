@@ -34,8 +34,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-# Unpacking: a tile of a plane is loaded as 32-bit words (4 channel-pair bytes of one token, 16-byte
-# loads); inline asm turns two words at a time into fp16 1024 + code (the bit pattern 0x6400 | c,
+# Unpacking: a tile of a plane is loaded as 32-bit words (keys: 4 channel-pair bytes of one token;
+# values: one channel pair of 4 tokens; 16-byte loads); inline asm turns two words at a time into fp16 1024 + code (the bit pattern 0x6400 | c,
 # exact, no int->float conversion): prmt puts byte k of both words into the two halves of a register,
 # lop3 masks a nibble and ORs in the exponent of 1024. Outputs $0..$3: even channels (low nibbles) of
 # bytes 0..3, $4..$7: odd channels (high nibbles). int4 (U words $8, $9): one instruction a code.
@@ -89,10 +89,12 @@ def _interleave2(a, b):
 
 @triton.jit
 def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr, EMULATE: tl.constexpr):
-    """Even- and odd-channel codes [N, D/2] of a plane tile as fp16 dot operands 1024 + c.
+    """Low- and high-nibble codes [R, 4W] of a plane tile as fp16 dot operands 1024 + c, element 4w + j
+    from byte j of word w: keys (token-major) R = tokens, 4W = channel pairs; values (token-minor)
+    R = channel pairs, 4W = tokens. The low nibbles hold the even channels, the high ones the odd.
 
     int4: c = U nibble; int8: c = 16*U + L. The dot's 1024 * sum(weights) is taken off in fp32 after
-    it. offs: int32 [N, D/8] word offsets. EMULATE (the Triton interpreter has no inline asm): the
+    it. offs: int32 [R, W] word offsets. EMULATE (the Triton interpreter has no inline asm): the
     same values by integer ops."""
     u = tl.load(hi_ptr.to(tl.pointer_type(tl.int32)) + offs)
     if INT8:
@@ -223,8 +225,13 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
     acc_o *= alpha[:, None]
 
     # Values: the per-token scale goes into p (one power-of-two scale for the tile), the offset
-    # into one row term.
-    c_e, c_o = _codes(vhi_ptr + pl, vlo_ptr + pl, tile_off, INT8, EMULATE)
+    # into one row term. Their planes are token-minor (a word: one channel pair of 4 tokens), so the
+    # unpacked [D/2, BLOCK_N] codes hold consecutive tokens in a thread, as P @ V's operand wants them.
+    pv_tile = blk * pl_blk + h * pl_h + (u % sub) * BLOCK_N  # scalar byte offset of the tile's first token
+    v_off = i[:, None] * (G // 4) + tl.arange(0, BLOCK_N // 4)[None, :]
+    ct_e, ct_o = _codes(vhi_ptr + pv_tile, vlo_ptr + pv_tile, v_off, INT8, EMULATE)
+    c_e = tl.trans(ct_e)
+    c_o = tl.trans(ct_o)
     if VG == D:
         # 32-bit words again (word j: tokens 2j and 2j+1; vm_t == 1), scale and offset in one load (the
         # offsets sit vmn_words words after the scales): the pipeliner prefetches only loads that feed a
@@ -279,8 +286,8 @@ def _paged_attention_kernel(
     kn_ptr, skn_t, skn_h, vn_ptr, svn_t, svn_h,  # k_new / v_new [T, H, D]
     kr_ptr, vr_ptr, sr_s, sr_r, sr_h,           # k_ring / v_ring [S, R, H, D] (same strides)
     qsl_ptr, seq_lens_ptr, bt_ptr, s_bt, slot_ptr, fp_keep,
-    khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,   # planes [nb, H, G, D/2]
-    ksc_ptr, kmn_ptr, km_blk, km_h,                          # k_scale / k_min [nb, H, D]
+    khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,   # planes [nb, H, G, D/2] (keys' strides; values
+    ksc_ptr, kmn_ptr, km_blk, km_h,                          #   token-minor); k_scale / k_min [nb, H, D]
     vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t,         # v_scale / v_min [nb, H, G, D/VG]
     out_ptr, so_t, so_h,                        # out [T, Hq, D]
     po_ptr, plse_ptr,                           # partials [T, Hq, num_splits, D] fp32, [T, Hq, num_splits]
@@ -536,6 +543,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     else:
         po = plse = out  # unused
     pv = layout.views(pages)
+    assert pv.v_hi.stride() == (*pv.k_hi.stride()[:2], 1, G), "value planes token-minor, as the layout stores them"
     vmn_words, rem = divmod(pv.v_min.data_ptr() - pv.v_scale.data_ptr(), 4)
     assert VG != D or (pv.v_scale.stride(2) == 1 and rem == 0 and pv.v_min.stride() == pv.v_scale.stride()), \
         "per-token value metadata is read as 32-bit pairs of tokens, scales and offsets in one load"

@@ -31,7 +31,8 @@ from vllm_quantspec.reference_attention import quantized_len
 @triton.jit
 def _dequant_pages_kernel(
     blocks_ptr,                                       # [n] page of each workspace page
-    khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, p_blk, p_h, p_t,   # planes [nb, H, G, D/2]
+    khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, p_blk, p_h, p_t,   # planes [nb, H, G, D/2]: the keys' strides,
+    pv_t, pv_i,                                       # the values' token and pair strides (token-minor)
     ksc_ptr, kmn_ptr, km_blk, km_h,                   # key metadata [nb, H, D]
     vsc_ptr, vmn_ptr, vm_blk, vm_h, vm_t,             # value metadata [nb, H, G, D/VG]
     wk_ptr, wv_ptr, w_blk, w_t, w_h,                  # workspace [n, G, H, D] fp16
@@ -44,9 +45,13 @@ def _dequant_pages_kernel(
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, D // 2)  # channel pair: channels 2i (low nibble) and 2i + 1 (high nibble)
     blk = tl.load(blocks_ptr + j).to(tl.int64)
-    plane = blk * p_blk + h * p_h + t[:, None] * p_t + i[None, :]
+    head = blk * p_blk + h * p_h
     w = j.to(tl.int64) * w_blk + h * w_h + t[:, None] * w_t + 2 * i[None, :]
     for is_v in tl.static_range(2):
+        if is_v:
+            plane = head + t[:, None] * pv_t + i[None, :] * pv_i
+        else:
+            plane = head + t[:, None] * p_t + i[None, :]
         hi = tl.load((vhi_ptr if is_v else khi_ptr) + plane)
         c_e = (hi & 15).to(tl.float32)
         c_o = (hi >> 4).to(tl.float32)
@@ -80,9 +85,10 @@ def dequantize_pages(pages: torch.Tensor, layout, blocks: torch.Tensor, mode: st
     if n == 0:
         return wk, wv
     pv = layout.views(pages)
+    assert pv.v_hi.stride()[:2] == pv.k_hi.stride()[:2]  # one page and head offset for both
     block_t = min(G, max(1, 4096 // D))
     _dequant_pages_kernel[(n, H, G // block_t)](
-        blocks, pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3],
+        blocks, pv.k_hi, pv.v_hi, pv.k_lo, pv.v_lo, *pv.k_hi.stride()[:3], *pv.v_hi.stride()[2:],
         pv.k_scale, pv.k_min, *pv.k_scale.stride()[:2], pv.v_scale, pv.v_min, *pv.v_scale.stride()[:3],
         wk, wv, *wk.stride()[:3], D=D, VG=VG, BLOCK_T=block_t, INT8=mode == "int8")
     return wk, wv

@@ -113,6 +113,15 @@ def test_decode_ragged(mode, num_splits):
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_tiles_smaller_than_a_page(mode):
+    """BLOCK_N < G, as the GPU's chunked prefill runs (64-token tiles of 128-token pages): a page is
+    read as several tiles, its key weights carried from tile to tile, the token-minor value planes
+    entered in the middle of their rows. Decode, verify and a prefill chunk in one call."""
+    args = _scenario([1, 5, 24], [100, 70, 45], G=32)
+    _check(args, mode, block_n=16, num_splits=3)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
 @pytest.mark.parametrize("grp,D", [(1, 64), (3, 128), (4, 64), (8, 128)])
 def test_verify_gqa(mode, grp, D):
     """Verify: q_len = gamma + 1 for gamma 1..8, every GQA ratio, head_dim 64 and 128; the 9-token

@@ -113,9 +113,9 @@ class PageViews(NamedTuple):
     """Strided views of a page tensor, each [num_blocks, *region shape]."""
 
     k_hi: torch.Tensor  # uint8 [nb, H, G, D/2]
-    v_hi: torch.Tensor  # uint8 [nb, H, G, D/2]
+    v_hi: torch.Tensor  # uint8 [nb, H, G, D/2], stored token-minor: strides (page, G * D/2, 1, G)
     k_lo: torch.Tensor  # uint8 [nb, H, G, D/2]
-    v_lo: torch.Tensor  # uint8 [nb, H, G, D/2]
+    v_lo: torch.Tensor  # uint8 [nb, H, G, D/2], token-minor as v_hi
     k_scale: torch.Tensor  # fp16 [nb, H, D]
     k_min: torch.Tensor  # fp16 [nb, H, D]
     v_scale: torch.Tensor  # fp16 [nb, H, G, D/VG]
@@ -127,6 +127,11 @@ class HierarchicalPageLayout:
     """Byte layout of one page (= one vLLM block of G tokens, all kv heads); see design-brief.md.
 
     The U planes come first and contiguous, so a draft (INT4) read touches only them + metadata.
+    Value planes are stored token-minor (per head [D/2, G]: a 32-bit word holds one channel pair of
+    4 consecutive tokens), so that the attention kernel's unpacked value codes already sit as its
+    P @ V product wants them, consecutive tokens in a thread, with no trip through shared memory;
+    key planes token-major ([G, D/2]) for the same reason on Q @ K^T. PageViews show both as
+    [G, D/2] (the value planes as transposed views).
     """
 
     block_size: int  # G, tokens per page = tokens per key group
@@ -143,9 +148,9 @@ class HierarchicalPageLayout:
     def region_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Region name -> (shape, dtype), in storage order (PageViews' field order)."""
         h, g, d = self.num_kv_heads, self.block_size, self.head_dim
-        plane = ((h, g, d // 2), torch.uint8)
+        plane, v_plane = ((h, g, d // 2), torch.uint8), ((h, d // 2, g), torch.uint8)
         v_meta = ((h, g, d // self.v_group), torch.float16)
-        return {"k_hi": plane, "v_hi": plane, "k_lo": plane, "v_lo": plane,
+        return {"k_hi": plane, "v_hi": v_plane, "k_lo": plane, "v_lo": v_plane,
                 "k_scale": ((h, d), torch.float16), "k_min": ((h, d), torch.float16),
                 "v_scale": v_meta, "v_min": v_meta}
 
@@ -182,7 +187,8 @@ class HierarchicalPageLayout:
         regions = []
         for (name, (shape, dtype)), at in zip(self.region_shapes().items(), self.offsets.values()):
             nbytes = math.prod(shape) * dtype.itemsize
-            regions.append(raw[:, at:at + nbytes].view(dtype).unflatten(1, shape))
+            region = raw[:, at:at + nbytes].view(dtype).unflatten(1, shape)
+            regions.append(region.transpose(-1, -2) if name in ("v_hi", "v_lo") else region)
         return PageViews(*regions)
 
 
