@@ -25,7 +25,9 @@
 #   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
 #   ninth session: calls 1-3 (the third also `tune`), the kernels' GPU tests; after the split-count change, calls 1-3
 #   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
-#   next: Qwen (.gpu/q01..q22, `qwen` twice: same-run baselines and γ 2/4/8); `b8`, `agreement` (synchronous)
+#   next: calls 1-3 with `tests` and `tune` (the token-minor value planes and 2 warps per program have not run on a
+#   GPU), `kernels`, `batch1`; then Qwen (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`,
+#   `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)

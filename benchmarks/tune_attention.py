@@ -9,7 +9,7 @@ The split count is swept directly (powers of two up to one tile per split, and t
 So are a register cap (MAXNREG: 3 or 4 programs of 4 warps per SM instead of 2, at the cost of
 spills) and deeper pipelining (STAGES): per-tile times (`kernels-h200`: about 4-7 µs a tile at any
 context) say the kernel waits on latency, and both put more bytes in flight.
---quick: the backend's tile and warps, the launches an engine makes (draft steps: INT4, one query
+--quick: the backend's tile, 2 or 4 warps, the launches an engine makes (draft steps: INT4, one query
 token; verify: INT8, γ+1 = 5), at the e2e grid's batch x context.
 """
 
@@ -23,10 +23,10 @@ import torch
 from bench_kernels import HQ, D, G, H, attention_rows, quantized_case, timed
 from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_splits, paged_attention
 
-# registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3 or 4
+# registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3
 # programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
-MAXNREG = (None, 168, 128)
-STAGES = (2, 3, 4)
+MAXNREG = (None, 168)  # 128 was slower everywhere (tune-attention-h200)
+STAGES = (2, 3)  # 3 and 4 bought nothing at the engine's launches (tune-attention-h200)
 SHAPES = [(1, 4096, 1), (1, 4096, 5), (1, 8192, 1), (1, 32768, 1), (1, 131072, 1), (1, 32768, 5), (1, 131072, 5),
           (8, 32768, 1), (8, 32768, 5), (8, 131072, 1)]
 QUICK_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (4, 32768), (16, 4096)]
@@ -35,7 +35,8 @@ QUICK_MODES = (("int4", 1), ("int8", 5))  # (mode, query tokens): a draft step, 
 
 def report(path: str) -> None:
     """Markdown table and PNG beside a sweep's JSON: per shape, FA3, the default launch as measured in the
-    sweep (its split count then), the best config, and µs against the split count at ptxas' registers."""
+    sweep (its split count then), the best config, and µs against the split count at the default's warps,
+    2 stages and ptxas' registers."""
     import collections
 
     import matplotlib
@@ -53,7 +54,7 @@ def report(path: str) -> None:
           f"Command: `{res['command']}`", "",
           "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
           "ran (its split count in brackets); best: over stages x register cap x splits.", "",
-          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (stages, maxnreg, splits) |",
+          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (mode, q_len, batch, ctx), rs in sorted(shapes.items()):
@@ -61,8 +62,9 @@ def report(path: str) -> None:
         sweep = sorted((r for r in rs if not r.get("default")), key=lambda r: r["us"])
         b = sweep[0]
         md.append(f"| {mode} | {q_len} | {batch} | {ctx} | {d['fa3_us']:.1f} | {d['us']:.1f} ({d['splits']}) | "
-                  f"{b['us']:.1f} | {b['stages']}, {b['maxnreg']}, {b['splits']} |")
-        curve = sorted((r["splits"], r["us"]) for r in sweep if r["stages"] == 2 and r["maxnreg"] is None)
+                  f"{b['us']:.1f} | {b['warps']}, {b['stages']}, {b['maxnreg']}, {b['splits']} |")
+        curve = sorted((r["splits"], r["us"]) for r in sweep
+                       if (r["warps"], r["stages"], r["maxnreg"]) == (d["warps"], 2, None))
         ax = axes[0 if mode == "int4" else 1]
         line, = ax.plot(*zip(*curve), marker="o", ms=3, label=f"{batch} x {ctx // 1024}k")
         ax.axhline(d["fa3_us"], color=line.get_color(), ls=":", lw=1)
@@ -102,8 +104,10 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
             default_tiles = Tiles.of(q_len, HQ // H, G)
-            launches = (((default_tiles.block_n,), (default_tiles.num_warps,), STAGES) if args.quick
-                        else ((64, 128), (4, 8), STAGES))
+            # warps: 2 per program issue fewer instructions per token than 4 (no cross-warp reductions
+            # over 4 warps; kernel-sass-sm90.txt) at the same warps per SM
+            launches = (((default_tiles.block_n,), (2, 4), (2,)) if args.quick
+                        else ((64, 128), (2, 4, 8), STAGES))
             rows = []
             for block_n, warps, stages, maxnreg in itertools.product(*launches, MAXNREG):
                 units = ctx // block_n
@@ -127,7 +131,7 @@ def main():
             results += rows
             b = rows[0]
             results.append(dict(batch=batch, ctx=ctx, q_len=q_len, mode=mode, default=True, splits=heuristic,
-                                us=default, fa3_us=fa3_us))
+                                warps=default_tiles.num_warps, us=default, fa3_us=fa3_us))
             print(json.dumps(dict(best=b, default_us=default, default_splits=heuristic, fa3_us=fa3_us,
                                   n_configs=len(rows))),
                   flush=True)
