@@ -35,10 +35,11 @@ LOG2E = 1.4426950408889634
 
 
 # Unpacking: a tile of a plane is loaded as 32-bit words (keys: 4 channel-pair bytes of one token;
-# values: one channel pair of 4 tokens; 16-byte loads); inline asm turns two words at a time into fp16 1024 + code (the bit pattern 0x6400 | c,
-# exact, no int->float conversion): prmt puts byte k of both words into the two halves of a register,
-# lop3 masks a nibble and ORs in the exponent of 1024. Outputs $0..$3: even channels (low nibbles) of
-# bytes 0..3, $4..$7: odd channels (high nibbles). int4 (U words $8, $9): one instruction a code.
+# values: one channel pair of 4 tokens; 16-byte loads); inline asm turns two words at a time into
+# fp16 1024 + code (the bit pattern 0x6400 | c, exact, no int->float conversion): prmt puts byte k of
+# both words into the two halves of a register, lop3 masks a nibble and ORs in the exponent of 1024.
+# Outputs $0..$3: even channels (low nibbles) of bytes 0..3, $4..$7: odd channels (high nibbles).
+# int4 (U words $8, $9): one instruction a code.
 _ASM_INT4 = tl.constexpr("""{
 .reg .b32 t;
 """ + "".join(f"""prmt.b32 t, $8, $9, 0x0{4 + k}0{k};
