@@ -26,7 +26,7 @@ from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_sp
 # registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3
 # programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
 MAXNREG = (None, 168)  # 128 was slower everywhere (tune-attention-h200)
-STAGES = (2, 3)  # 3 and 4 bought nothing at the engine's launches (tune-attention-h200)
+STAGES = (2, 3)  # the full sweep's; 3 and 4 bought nothing at the engine's launches (tune-attention-h200)
 SHAPES = [(1, 4096, 1), (1, 4096, 5), (1, 8192, 1), (1, 32768, 1), (1, 131072, 1), (1, 32768, 5), (1, 131072, 5),
           (8, 32768, 1), (8, 32768, 5), (8, 131072, 1)]
 QUICK_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (4, 32768), (16, 4096)]
@@ -53,7 +53,7 @@ def report(path: str) -> None:
           f"{res['device']}, vLLM {res['vllm']}, torch {res['torch']}, triton {res['triton']}, {res['date']}. "
           f"Command: `{res['command']}`", "",
           "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
-          "ran (its split count in brackets); best: over stages x register cap x splits.", "",
+          "ran (its split count in brackets); best: over warps x stages x register cap x splits.", "",
           "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -80,7 +80,8 @@ def report(path: str) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--quick", action="store_true", help="sweep the split count at the backend's tiles only")
+    ap.add_argument("--quick", action="store_true",
+                    help="the engine's launches at the backend's tile: 2 or 4 warps, register cap, split count")
     ap.add_argument("--report", help="a sweep's JSON: write its markdown table and PNG beside it")
     args = ap.parse_args()
     if args.report:
