@@ -53,7 +53,7 @@ def report(path: str) -> None:
           f"{res['device']}, vLLM {res['vllm']}, torch {res['torch']}, triton {res['triton']}, {res['date']}. "
           f"Command: `{res['command']}`", "",
           "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
-          "ran (its split count in brackets); best: over warps x stages x register cap x splits.", "",
+          "ran (its split count in brackets); best: the fastest launch the sweep ran.", "",
           "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
