@@ -25,8 +25,8 @@
 #   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
 #   ninth session: calls 1-3 (the third also `tune`), the kernels' GPU tests; after the split-count change, calls 1-3
 #   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
-#   next: calls 1-3 with `tests` and `tune` (the token-minor value planes and 2 warps per program have not run on a
-#   GPU), `kernels`, `batch1`; then Qwen (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`,
+#   next: calls 1-3, the third with `tune` (its GPU tests first: the token-minor value planes and 2 warps per program
+#   have not run on a GPU), .gpu/m1, .gpu/m2 + `tests` (the backend suite), `kernels`, `batch1`; then Qwen (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`,
 #   `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
@@ -46,7 +46,8 @@
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
-#   tune         tune_attention.py --quick: the attention kernel's split count swept at the backend's tiles
+#   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap and
+#                split count swept at the engine's launches
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -189,11 +190,13 @@ PY
     out "$RUNS"/agreement-h200*
     ;;
   tune)
-    # the attention kernel's split count at the backend's tiles, 4k-128k (tune_attention.py --quick): whether
-    # _pick_num_splits' floor of 4 tiles per split leaves the GPU idle at short contexts
-    timeout 450 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
+    # the kernels' GPU tests first (a sweep of a broken kernel says nothing), then the attention kernel's launch
+    # sweep at the engine's launches (tune_attention.py --quick: 2 or 4 warps, register cap, split count)
+    timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py \
+      tests/test_kernels_write.py 2>&1 | tail -8 | tee "$RUNS/pytest-kernels-h200.txt"
+    timeout 380 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
       | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
-    out "$RUNS"/tune-attention-h200.*
+    out "$RUNS"/tune-attention-h200.* "$RUNS"/pytest-kernels-h200.txt
     ;;
   cache)
     # the compile caches this machine built, for the next session: parts of 15 MiB (16 MiB a file, 8 files and
