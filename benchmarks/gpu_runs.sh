@@ -26,8 +26,8 @@
 #   ninth session: calls 1-3 (the third also `tune`), the kernels' GPU tests; after the split-count change, calls 1-3
 #   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
 #   next: calls 1-3, the third with `tune` (its GPU tests first: the token-minor value planes and 2 warps per program
-#   have not run on a GPU), .gpu/m1, .gpu/m2 + `tests` (the backend suite), `kernels`, `batch1`; then Qwen (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`,
-#   `agreement` (synchronous)
+#   have not run on a GPU), .gpu/m1, .gpu/m2 + `tests` (the backend suite), `kernels`, `batch1`; then Qwen
+#   (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`, `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
