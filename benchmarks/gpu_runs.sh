@@ -76,6 +76,11 @@ E2E=(python benchmarks/bench_e2e.py --part synthetic --points "$POINTS" --n-out 
 MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
+# the kernels' GPU tests (real shapes, G=128, bf16)
+kernel_tests() {
+  timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
+    2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
+}
 # the backend's bf16 engine suite on the staged SmolLM2 (benchmarks/gpu_model.sh stage)
 backend_tests() {
   bash benchmarks/gpu_model.sh stage >/dev/null
@@ -93,8 +98,7 @@ profile() {
 }
 case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | batch1 | part-b | real-gammas | qwen}" in
   kernels)
-    python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
-      2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
+    kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
     out "$RUNS"/pytest-kernels-h200.txt "$RUNS"/kernels-h200.*
     ;;
@@ -192,8 +196,7 @@ PY
   tune)
     # the kernels' GPU tests first (a sweep of a broken kernel says nothing), then the attention kernel's launch
     # sweep at the engine's launches (tune_attention.py --quick: 2 or 4 warps, register cap, split count)
-    timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py \
-      tests/test_kernels_write.py 2>&1 | tail -8 | tee "$RUNS/pytest-kernels-h200.txt"
+    kernel_tests
     timeout 380 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
       | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
     out "$RUNS"/tune-attention-h200.* "$RUNS"/pytest-kernels-h200.txt

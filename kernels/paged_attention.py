@@ -545,7 +545,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         po = plse = out  # unused
     pv = layout.views(pages)
     assert pv.v_hi.stride() == (*pv.k_hi.stride()[:2], 1, G), "value planes token-minor, as the layout stores them"
-    vmn_words, rem = divmod(pv.v_min.data_ptr() - pv.v_scale.data_ptr(), 4)
+    vmn_words, rem = divmod(layout.offsets["v_min"] - layout.offsets["v_scale"], 4)  # within every page
     assert VG != D or (pv.v_scale.stride(2) == 1 and rem == 0 and pv.v_min.stride() == pv.v_scale.stride()), \
         "per-token value metadata is read as 32-bit pairs of tokens, scales and offsets in one load"
     _paged_attention_kernel[(n_qblocks * num_splits, H, B)](
