@@ -46,8 +46,9 @@
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
-#   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap and
-#                split count swept at the engine's launches
+#   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
+#                page tile and split count swept at the engine's launches
+#   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy)
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -96,7 +97,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -200,6 +201,18 @@ PY
     timeout 380 python benchmarks/tune_attention.py --quick --json "$RUNS/tune-attention-h200.json" 2>&1 \
       | tee "$RUNS/tune-attention-h200.txt" | grep -v '^    '
     out "$RUNS"/tune-attention-h200.* "$RUNS"/pytest-kernels-h200.txt
+    ;;
+  ncu)
+    # Nsight Compute on the attention kernel's default launch, a draft step (INT4) and a verify (INT8, 5 tokens)
+    # at 1 x 128k: where its warps stall (latency or issue), occupancy, and bytes against the peak
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    timeout 200 "$NCU" --clock-control none -k regex:_paged_attention_kernel --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      python benchmarks/tune_attention.py --profile > "$RUNS/ncu-attention-h200.txt" 2>&1
+    echo "ncu exit $?"
+    grep -v '^==PROF==' "$RUNS/ncu-attention-h200.txt" | tail -150
+    out "$RUNS/ncu-attention-h200.txt"
     ;;
   cache)
     # the compile caches this machine built, for the next session: parts of 15 MiB (16 MiB a file, 8 files and

@@ -9,7 +9,7 @@ The split count is swept directly (powers of two up to one tile per split, and t
 So are a register cap (MAXNREG: 3 or 4 programs of 4 warps per SM instead of 2, at the cost of
 spills) and deeper pipelining (STAGES): per-tile times (`kernels-h200`: about 4-7 µs a tile at any
 context) say the kernel waits on latency, and both put more bytes in flight.
---quick: the backend's tile, 2 or 4 warps, the launches an engine makes (draft steps: INT4, one query
+--quick: the backend's tile at 2 or 4 warps, and one-warp programs over 64- and 32-token tiles, at the launches an engine makes (draft steps: INT4, one query
 token; verify: INT8, γ+1 = 5), at the e2e grid's batch x context.
 """
 
@@ -54,7 +54,7 @@ def report(path: str) -> None:
           f"Command: `{res['command']}`", "",
           "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
           "ran (its split count in brackets); best: the fastest launch the sweep ran.", "",
-          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (warps, stages, maxnreg, splits) |",
+          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (block_n, warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (mode, q_len, batch, ctx), rs in sorted(shapes.items()):
@@ -62,7 +62,7 @@ def report(path: str) -> None:
         sweep = sorted((r for r in rs if not r.get("default")), key=lambda r: r["us"])
         b = sweep[0]
         md.append(f"| {mode} | {q_len} | {batch} | {ctx} | {d['fa3_us']:.1f} | {d['us']:.1f} ({d['splits']}) | "
-                  f"{b['us']:.1f} | {b['warps']}, {b['stages']}, {b['maxnreg']}, {b['splits']} |")
+                  f"{b['us']:.1f} | {b['block_n']}, {b['warps']}, {b['stages']}, {b['maxnreg']}, {b['splits']} |")
         curve = sorted((r["splits"], r["us"]) for r in sweep
                        if (r["warps"], r["stages"], r["maxnreg"]) == (d["warps"], 2, None))
         ax = axes[0 if mode == "int4" else 1]
@@ -81,11 +81,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true",
-                    help="the engine's launches at the backend's tile: 2 or 4 warps, register cap, split count")
+                    help="the engine's launches: the backend's tile at 2 or 4 warps and register cap, one warp over 64 or "
+                         "32-token tiles; split count")
     ap.add_argument("--report", help="a sweep's JSON: write its markdown table and PNG beside it")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the default launch of a draft step and a verify at 1 x 128k a few times, untimed "
+                         "(for Nsight Compute: ncu -k regex:_paged_attention python tune_attention.py --profile)")
     args = ap.parse_args()
     if args.report:
         return report(args.report)
+    if args.profile:
+        for mode, q_len in QUICK_MODES:
+            case = quantized_case(1, 131072, q_len)
+            for _ in range(3):
+                paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D), max_query_len=q_len,
+                                max_seq_len=131072)
+        torch.cuda.synchronize()
+        return
     import datetime
     import sys
 
@@ -107,12 +119,14 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
             default_tiles = Tiles.of(q_len, HQ // H, G)
-            # warps: 2 per program issue fewer instructions per token than 4 (no cross-warp reductions
-            # over 4 warps; kernel-sass-sm90.txt) at the same warps per SM
-            launches = (((default_tiles.block_n,), (2, 4), (2,)) if args.quick
-                        else ((64, 128), (2, 4, 8), STAGES))
+            # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
+            # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
+            # to hide each one's latency (split count up to 8 programs per SM at one warp)
+            launches = (list(itertools.product((default_tiles.block_n,), (2, 4), (2,), MAXNREG))
+                        + [(64, 1, 2, None), (32, 1, 2, None)] if args.quick
+                        else list(itertools.product((64, 128), (2, 4, 8), STAGES, MAXNREG)))
             rows = []
-            for block_n, warps, stages, maxnreg in itertools.product(*launches, MAXNREG):
+            for block_n, warps, stages, maxnreg in launches:
                 units = ctx // block_n
                 picked = _pick_num_splits(batch * H, units)
                 for splits in sorted({2 ** k for k in range(9) if 2 ** k <= units} | {picked}):

@@ -269,6 +269,17 @@ def test_gpu_llama8b_shape(mode, q_len, kind):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode,q_len", [("int4", 1), ("int8", 5)])
+@pytest.mark.parametrize("block_n,num_warps", [(128, 2), (64, 1), (32, 1)])
+def test_gpu_launch_variants(mode, q_len, block_n, num_warps):
+    """The other launches tune_attention.py --quick times (fewer warps, page tiles smaller than a page),
+    compiled for real at the 8B shape: a sweep of a wrong kernel would say nothing."""
+    args = _scenario([q_len] * 2, [8000, 12345], G=128, H=8, grp=4, D=128, keep=128, R=384)
+    _check(args, mode, block_n=block_n, num_warps=num_warps, num_splits=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,q_len", [("int4", 1), ("int8", 5)])
 def test_gpu_fused_ring_write(mode, q_len):
     """The ring write of decode (the draft, fp_keep + γ) and verify steps at the 8B shape, with the
     split-K heuristic: programs of other splits read the ring while split 0 writes it."""
