@@ -147,7 +147,7 @@ def main() -> None:
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
         if (label, mode) == ("decode", "int4"):
             lines += ["  its instructions by source line:"] + source_lines(cubin, span)
-    lines += ["", "decode int4, other launch parameters (the backend uses 4 warps, BLOCK_N=128): warp instructions "
+    lines += ["", "decode int4, other launch parameters (BLOCK_N=128 and 4 warps above; the backend takes 2 warps for draft steps over at least 4 page tiles per SM): warp instructions "
               "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with "
               "BLOCK_N < G the loop's page-start branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:

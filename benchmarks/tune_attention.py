@@ -21,7 +21,8 @@ import math
 import torch
 
 from bench_kernels import HQ, D, G, H, attention_rows, quantized_case, timed
-from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_splits, paged_attention
+from vllm_quantspec.kernels.paged_attention import (Tiles, _draft_step_tiles, _num_sms, _pick_num_splits,
+                                                    paged_attention)
 
 # registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3
 # programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
@@ -118,7 +119,8 @@ def main():
         fa3_us = measured["fa3_bf16"]
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
-            default_tiles = Tiles.of(q_len, HQ // H, G)
+            # the backend's launch (paged_attention's defaults)
+            default_tiles = _draft_step_tiles(Tiles.of(q_len, HQ // H, G), mode, batch * H * ctx // G)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)
@@ -128,7 +130,7 @@ def main():
             rows = []
             for block_n, warps, stages, maxnreg in launches:
                 units = ctx // block_n
-                picked = _pick_num_splits(batch * H, units)
+                picked = _pick_num_splits(batch * H, units, warps)
                 for splits in sorted({2 ** k for k in range(9) if 2 ** k <= units} | {picked}):
                     try:
                         us = timed(lambda: paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D),
@@ -142,7 +144,7 @@ def main():
                                      stages=stages, maxnreg=maxnreg, splits=splits, tiles_per_split=units / splits, us=us,
                                      GBps=case["bytes"][mode] / us / 1e3))
             default = measured[mode]
-            heuristic = _pick_num_splits(batch * H, ctx // default_tiles.block_n)  # the backend's split count
+            heuristic = _pick_num_splits(batch * H, ctx // default_tiles.block_n, default_tiles.num_warps)
             rows.sort(key=lambda r: r["us"])
             results += rows
             b = rows[0]

@@ -443,13 +443,12 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
 
 
-def _pick_num_splits(num_programs: int, max_units: int, programs_per_sm: int = 2) -> int:
-    """Enough programs to fill the GPU (`programs_per_sm` per SM), down to one page tile each.
-    Measured on an H200 (tune_attention.py, tune-attention-h200): 2 programs of 4 warps per SM is
-    best or within a few percent for draft steps and verifies at 4k-128k, batch 1-16; more splits
-    only add partials to merge. A floor of 4 tiles per split (before) left batch 1 x 4k at 64
-    programs: 27 µs a draft step's layer where 32 splits take 19."""
-    want = max(1, programs_per_sm * _num_sms() // max(1, num_programs))
+def _pick_num_splits(num_programs: int, max_units: int, num_warps: int) -> int:
+    """Enough programs to fill the GPU (8 warps per SM, at least 2 programs), down to one page tile
+    each. Measured on an H200 (tune_attention.py, tune-attention-h200): 2 programs of 4 warps or 4 of
+    2 warps per SM is best or within a few percent for draft steps and verifies at 4k-128k, batch
+    1-16; more splits only add partials to merge."""
+    want = max(1, max(2, 8 // num_warps) * _num_sms() // max(1, num_programs))
     return max(1, min(want, max_units, 256))
 
 
@@ -485,6 +484,16 @@ class Tiles:
                     DIRECT=direct, INT8=mode == "int8", EMULATE=_interpreting(), WRITE_RING=write_ring)
 
 
+def _draft_step_tiles(tiles: Tiles, mode: str, page_tiles: int) -> Tiles:
+    """INT4 single-token launches (draft steps) with page tiles enough for 4 programs per SM get 2
+    warps a program, 4 programs per SM (tune-attention-h200: 96.5 against 105.2 µs a layer at 1 x 128k,
+    94.7 against 110.1 at 4 x 32k, 70.8 against 79.1 at 16 x 4k; 4 warps stay better at 1 x 4k, whose
+    256 page tiles fill 2 programs per SM only). The INT8 verify is faster at 4 warps everywhere."""
+    if mode == "int4" and tiles.block_m == 16 and page_tiles >= 4 * _num_sms():
+        return dataclasses.replace(tiles, num_warps=2)
+    return tiles
+
+
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
@@ -497,8 +506,9 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     the rings viewed as [slots * R, H, D]) the kernel also writes the new K/V to the ring, as the
     backend's ring write would after the attention (only for queries short enough that the ring holds
     them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
-    are the fastest measured on an H100: decode/verify (M <= 32 rows) 4 warps over 128-token tiles,
-    prefill (M = 64) 8 warps over 64-token tiles (fewer registers per thread: no spills). `maxnreg` caps
+    are the fastest measured on an H100 and H200: decode/verify (M <= 32 rows) 4 warps over 128-token tiles
+    (2 for INT4 draft steps over enough page tiles: `_draft_step_tiles`), prefill (M = 64) 8 warps over
+    64-token tiles (fewer registers per thread: no spills). `maxnreg` caps
     the registers per thread (ptxas spills the rest): tune_attention.py measures whether more programs per
     SM pay for the spills; unset, ptxas takes what it needs (255 for decode: two programs per SM).
 
@@ -529,10 +539,12 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     if T == 0:
         return out
     tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps)
+    if num_warps is None and not batch_invariant:
+        tiles = _draft_step_tiles(tiles, mode, B * H * triton.cdiv(max_seq_len, tiles.block_n))
     block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
-        num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n))
+        num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n), num_warps)
     write_ring = ring_dst is not None
     if write_ring:
         assert ring_dst.dtype == torch.int64 and k_ring.is_contiguous() and v_ring.is_contiguous()
