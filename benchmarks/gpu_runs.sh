@@ -25,9 +25,11 @@
 #   (bf16, fp8 KV and ngram done; the QuantSpec engines not reached: device time)
 #   ninth session: calls 1-3 (the third also `tune`), the kernels' GPU tests; after the split-count change, calls 1-3
 #   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
-#   next: calls 1-3, the third with `tune` (its GPU tests first: the token-minor value planes and 2 warps per program
-#   have not run on a GPU), .gpu/m1, .gpu/m2 + `tests` (the backend suite), `kernels`, `batch1`; then Qwen
-#   (.gpu/q01..q22, `qwen` twice: γ 2/4/8 with same-run baselines); `b8`, `agreement` (synchronous)
+#   tenth session (one refused start, 91 s): calls 1-3 (the third also `ncu`), `tune`, .gpu/m1, .gpu/m2 + `tests`,
+#   `b8`, `batch1`, then the target-only batch-1 run by hand (e2e-target-only-h200; device time spent)
+#   next: calls 1-3, the third with `tune` (its GPU tests first: the 2-warp draft-step default of a3cc06c; the sweep
+#   now also times the target-only INT8 decode), `batch1` (the 2-warp default end to end); then Qwen (.gpu/q01..q22,
+#   `qwen` twice: γ 2/4/8 with same-run baselines); `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)

@@ -147,9 +147,10 @@ def main() -> None:
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
         if (label, mode) == ("decode", "int4"):
             lines += ["  its instructions by source line:"] + source_lines(cubin, span)
-    lines += ["", "decode int4, other launch parameters (BLOCK_N=128 and 4 warps above; the backend takes 2 warps for draft steps over at least 4 page tiles per SM): warp instructions "
-              "per token and KV head of the page loop, spill loads/stores (LDL+STL) in it; static counts (with "
-              "BLOCK_N < G the loop's page-start branch, run once a page, is counted for every tile)"]
+    lines += ["", "decode int4, other launch parameters (above: 4 warps, BLOCK_N=128; the backend takes 2 warps for "
+              "draft steps over at least 4 page tiles per SM): warp instructions per token and KV head of the page "
+              "loop, spill loads/stores (LDL+STL) in it; static counts (with BLOCK_N < G the loop's page-start "
+              "branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
         lines.append(f"  warps={warps} BLOCK_N={block_n}: " + page_loop_summary(1, "int4", tmp, block_n, warps))
     lines += ["", "decode at the backend's tiles with a register cap (maxnreg; 65536 registers per SM hold 2 programs "

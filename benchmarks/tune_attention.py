@@ -9,8 +9,9 @@ The split count is swept directly (powers of two up to one tile per split, and t
 So are a register cap (MAXNREG: 3 or 4 programs of 4 warps per SM instead of 2, at the cost of
 spills) and deeper pipelining (STAGES): per-tile times (`kernels-h200`: about 4-7 µs a tile at any
 context) say the kernel waits on latency, and both put more bytes in flight.
---quick: the backend's tile at 2 or 4 warps, and one-warp programs over 64- and 32-token tiles, at the launches an engine makes (draft steps: INT4, one query
-token; verify: INT8, γ+1 = 5), at the e2e grid's batch x context.
+--quick: the backend's tile at 2 or 4 warps, and one-warp programs over 64- and 32-token tiles, at the
+launches an engine makes (draft steps: INT4, one query token; verify: INT8, γ+1 = 5; target-only decode:
+INT8, one token), at the e2e grid's batch x context.
 """
 
 import argparse
@@ -31,7 +32,8 @@ STAGES = (2, 3)  # the full sweep's; 3 and 4 bought nothing at the engine's laun
 SHAPES = [(1, 4096, 1), (1, 4096, 5), (1, 8192, 1), (1, 32768, 1), (1, 131072, 1), (1, 32768, 5), (1, 131072, 5),
           (8, 32768, 1), (8, 32768, 5), (8, 131072, 1)]
 QUICK_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (4, 32768), (16, 4096)]
-QUICK_MODES = (("int4", 1), ("int8", 5))  # (mode, query tokens): a draft step, a γ=4 verify
+# (mode, query tokens): a draft step, a γ=4 verify, a target-only decode over the hierarchical cache
+QUICK_MODES = (("int4", 1), ("int8", 5), ("int8", 1))
 
 
 def report(path: str) -> None:
@@ -57,7 +59,9 @@ def report(path: str) -> None:
           "ran (its split count in brackets); best: the fastest launch the sweep ran.", "",
           "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (block_n, warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = sorted({(mode, q_len) for mode, q_len, _, _ in shapes})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
     for (mode, q_len, batch, ctx), rs in sorted(shapes.items()):
         d = next(r for r in rs if r.get("default"))
         sweep = sorted((r for r in rs if not r.get("default")), key=lambda r: r["us"])
@@ -66,10 +70,11 @@ def report(path: str) -> None:
                   f"{b['us']:.1f} | {b['block_n']}, {b['warps']}, {b['stages']}, {b['maxnreg']}, {b['splits']} |")
         curve = sorted((r["splits"], r["us"]) for r in sweep
                        if (r["warps"], r["stages"], r["maxnreg"]) == (d["warps"], 2, None))
-        ax = axes[0 if mode == "int4" else 1]
+        ax = axes[mode, q_len]
         line, = ax.plot(*zip(*curve), marker="o", ms=3, label=f"{batch} x {ctx // 1024}k")
         ax.axhline(d["fa3_us"], color=line.get_color(), ls=":", lw=1)
-    for ax, title in zip(axes, ("INT4, 1 query token (draft step)", "INT8, 5 query tokens (γ=4 verify)")):
+    for (mode, q_len), ax in axes.items():
+        title = f"{mode.upper()}, {q_len} query token{'s' if q_len > 1 else ''}"
         ax.set(xscale="log", yscale="log", xlabel="splits", ylabel="µs", title=title + "; dotted: FA3 bf16")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -92,7 +97,7 @@ def main():
     if args.report:
         return report(args.report)
     if args.profile:
-        for mode, q_len in QUICK_MODES:
+        for mode, q_len in QUICK_MODES[:2]:  # a draft step, a verify
             case = quantized_case(1, 131072, q_len)
             for _ in range(3):
                 paged_attention(**case["args"], mode=mode, sm_scale=1 / math.sqrt(D), max_query_len=q_len,
