@@ -26,7 +26,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton.jit
 
 from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
-from vllm_quantspec.kernels.paged_attention import paged_attention  # noqa: E402
+from vllm_quantspec.kernels.paged_attention import (  # noqa: E402
+    Tiles,
+    _draft_step_tiles,
+    _num_sms,
+    _pick_num_splits,
+    paged_attention,
+)
 from vllm_quantspec.kernels.prefill_attention import (  # noqa: E402
     dequantize_pages,
     plan_prefill,
@@ -309,6 +315,24 @@ def test_dequantize_pages_matches_reference(mode, VG):
     # fp16 ulp where a compiler contracts the multiply-add
     assert torch.allclose(k.float(), k_ref.half().float(), rtol=2.0**-10, atol=0)
     assert torch.allclose(v.float(), v_ref.half().float(), rtol=2.0**-10, atol=0)
+
+
+def test_launch_heuristic():
+    """The backend's launch: INT4 single-token programs (draft steps) take 2 warps once the page tiles fill
+    4 programs per SM (tune-attention-h200), verifies and INT8 keep 4, and the split count fills 8 warps
+    per SM (at least 2 programs), never more splits than page tiles."""
+    sms = _num_sms()
+    decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
+    assert (decode.block_m, decode.num_warps, verify.block_m, verify.num_warps) == (16, 4, 32, 4)
+    assert _draft_step_tiles(decode, "int4", 4 * sms).num_warps == 2
+    assert _draft_step_tiles(decode, "int4", 4 * sms - 1) == decode
+    assert _draft_step_tiles(decode, "int8", 64 * sms) == decode
+    assert _draft_step_tiles(verify, "int4", 64 * sms) == verify
+    assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
+    assert _pick_num_splits(8, 1024, 2) == 4 * sms // 8
+    assert _pick_num_splits(8, 1024, 8) == 2 * sms // 8  # prefill's 8 warps: still 2 programs per SM
+    assert _pick_num_splits(8, 3, 2) == 3
+    assert _pick_num_splits(100 * sms, 1024, 4) == 1
 
 
 def test_plan_runs_boundaries():
