@@ -50,7 +50,8 @@
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
 #   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
 #                page tile and split count swept at the engine's launches
-#   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy)
+#   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy, and
+#                sampled stalls per SASS instruction)
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -207,14 +208,19 @@ PY
   ncu)
     # Nsight Compute on the attention kernel's default launch, a draft step (INT4) and a verify (INT8, 5 tokens)
     # at 1 x 128k: where its warps stall (latency or issue), occupancy, and bytes against the peak
+    # (SourceCounters: sampled stalls per SASS instruction, printed from the saved report as CSV)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     timeout 200 "$NCU" --clock-control none -k regex:_paged_attention_kernel --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-      --section WarpStateStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-      python benchmarks/tune_attention.py --profile > "$RUNS/ncu-attention-h200.txt" 2>&1
+      --section WarpStateStats --section SourceCounters \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -f -o "$RUNS/ncu-attention" \
+      python benchmarks/tune_attention.py --profile > "$RUNS/ncu-attention-h200.log" 2>&1
     echo "ncu exit $?"
+    "$NCU" -i "$RUNS/ncu-attention.ncu-rep" > "$RUNS/ncu-attention-h200.txt" 2>&1
+    timeout 120 "$NCU" -i "$RUNS/ncu-attention.ncu-rep" --page source --csv --print-source sass \
+      > "$RUNS/ncu-attention-sass-h200.csv" 2>&1 || echo "no per-instruction page"
     grep -v '^==PROF==' "$RUNS/ncu-attention-h200.txt" | tail -150
-    out "$RUNS/ncu-attention-h200.txt"
+    out "$RUNS/ncu-attention-h200.txt" "$RUNS/ncu-attention-sass-h200.csv"
     ;;
   cache)
     # the compile caches this machine built, for the next session: parts of 15 MiB (16 MiB a file, 8 files and
