@@ -40,13 +40,14 @@ def main() -> None:
         subprocess.run([sys.executable, os.path.join(HERE, "bench_e2e.py"), "--part", "synthetic", "--methods",
                         "bf16,fp8,hierarchical", "--ctxs", args.ctxs, "--batches", args.batches, "--n-out",
                         str(args.n_out), "--accept-length", "1", "--out", e2e_dir], check=True)
-        e2e_paths = [os.path.join(e2e_dir, f) for f in os.listdir(e2e_dir) if f.startswith("e2e-") and f.endswith(".json")]
+        e2e_paths = [os.path.join(e2e_dir, f) for f in os.listdir(e2e_dir)
+                     if f.startswith("e2e-") and f.endswith(".json")]
     else:
         e2e_paths = args.from_e2e.split(",")
     methods = ("bf16", "fp8", "hierarchical")
+    runs = [(path, json.load(open(path))) for path in e2e_paths]
     rows, skipped, kv, taken = [], [], {}, set()
-    for path in e2e_paths:
-        e2e = json.load(open(path))
+    for path, e2e in runs:
         run = [dict(r, source=os.path.basename(path)) for r in e2e["rows"] if r.get("method") in methods]
         points = {(r["batch"], r["ctx"]) for r in run if "ms_per_token" in r} - taken
         rows += [{k: r[k] for k in ("method", "batch", "ctx", "ms_per_token", "source")} for r in run
@@ -56,13 +57,14 @@ def main() -> None:
         for r in run:
             if "kv_tokens" in r:
                 kv.setdefault(r["method"], r["kv_tokens"])
-    e2e = json.load(open(e2e_paths[0]))  # device, versions, date: the first run's
+    e2e = runs[0][1]  # device, versions, date: the first run's
     measured = {(r["method"], r["batch"], r["ctx"]) for r in rows}
     missing = [f"{m} batch {b} ctx {c}" for m in methods for b in args.batches.split(",")
                for c in args.ctxs.split(",") if (m, int(b), int(c)) not in measured]
     ppl = json.load(open(args.ppl))["ppl"]
     result = {k: e2e[k] for k in ("device", "vllm", "torch", "date")}
-    result.update(command=command, sources=[os.path.basename(x) for x in e2e_paths], rows=rows, skipped=skipped, missing=missing,
+    result.update(command=command, sources=[os.path.basename(x) for x in e2e_paths], rows=rows, skipped=skipped,
+                  missing=missing,
                   kv_tokens={"bf16": kv.get("bf16"), "fp8": kv.get("fp8"), "hierarchical": kv.get("hierarchical")},
                   ppl=ppl)
     tag = args.tag or os.path.basename(e2e_paths[0])[len("e2e-"):-len(".json")]

@@ -22,8 +22,7 @@ import math
 import torch
 
 from bench_kernels import HQ, D, G, H, attention_rows, quantized_case, timed
-from vllm_quantspec.kernels.paged_attention import (Tiles, _draft_step_tiles, _num_sms, _pick_num_splits,
-                                                    paged_attention)
+from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_splits, paged_attention
 
 # registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3
 # programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
@@ -57,7 +56,8 @@ def report(path: str) -> None:
           f"Command: `{res['command']}`", "",
           "µs per layer (one kernel call and its merge). `default`: the backend's launch as it was when the sweep "
           "ran (its split count in brackets); best: the fastest launch the sweep ran.", "",
-          "| mode | q_len | batch | ctx | FA3 bf16 | default | best | best config (block_n, warps, stages, maxnreg, splits) |",
+          "| mode | q_len | batch | ctx | FA3 bf16 | default | best "
+          "| best config (block_n, warps, stages, maxnreg, splits) |",
           "|---|---|---|---|---|---|---|---|"]
     panels = sorted({(mode, q_len) for mode, q_len, _, _ in shapes})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -87,8 +87,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true",
-                    help="the engine's launches: the backend's tile at 2 or 4 warps and register cap, one warp over 64 or "
-                         "32-token tiles; split count")
+                    help="the engine's launches: the backend's tile at 2 or 4 warps and register cap, one warp "
+                         "over 64 or 32-token tiles; split count")
     ap.add_argument("--report", help="a sweep's JSON: write its markdown table and PNG beside it")
     ap.add_argument("--profile", action="store_true",
                     help="run the default launch of a draft step and a verify at 1 x 128k a few times, untimed "
@@ -115,7 +115,9 @@ def main():
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rows=[])
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
     results = res["rows"]
-    cases = ([(b, ctx, q_len, (mode,)) for b, ctx in QUICK_SHAPES for mode, q_len in QUICK_MODES] if args.quick
+    # one FA3 timing and one quantized case per (batch, ctx, query tokens), for every mode launched at them
+    cases = ([(b, ctx, q_len, tuple(m for m, q in QUICK_MODES if q == q_len))
+              for b, ctx in QUICK_SHAPES for q_len in dict.fromkeys(q for _, q in QUICK_MODES)] if args.quick
              else [(b, ctx, q_len, ("int4", "int8")) for b, ctx, q_len in SHAPES])
     for batch, ctx, q_len, modes in cases:
         # FA3 over a bf16 cache at the same shape, in the same run (what the kernel has to beat), and the
@@ -125,7 +127,7 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
             # the backend's launch (paged_attention's defaults)
-            default_tiles = _draft_step_tiles(Tiles.of(q_len, HQ // H, G), mode, batch * H * ctx // G)
+            default_tiles = Tiles.of(q_len, HQ // H, G, mode=mode, seq_heads=batch * H, max_seq_len=ctx)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)

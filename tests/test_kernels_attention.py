@@ -28,7 +28,6 @@ if not torch.cuda.is_available():
 from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
 from vllm_quantspec.kernels.paged_attention import (  # noqa: E402
     Tiles,
-    _draft_step_tiles,
     _num_sms,
     _pick_num_splits,
     paged_attention,
@@ -324,10 +323,11 @@ def test_launch_heuristic():
     sms = _num_sms()
     decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
     assert (decode.block_m, decode.num_warps, verify.block_m, verify.num_warps) == (16, 4, 32, 4)
-    assert _draft_step_tiles(decode, "int4", 4 * sms).num_warps == 2
-    assert _draft_step_tiles(decode, "int4", 4 * sms - 1) == decode
-    assert _draft_step_tiles(decode, "int8", 64 * sms) == decode
-    assert _draft_step_tiles(verify, "int4", 64 * sms) == verify
+    assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms, max_seq_len=128).num_warps == 2
+    assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms - 1, max_seq_len=128) == decode
+    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=64 * sms, max_seq_len=128) == decode
+    assert Tiles.of(5, 4, 128, mode="int4", seq_heads=64 * sms, max_seq_len=128) == verify
+    assert Tiles.of(1, 4, 128, True, mode="int4", seq_heads=64 * sms, max_seq_len=128).num_warps != 2
     assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
     assert _pick_num_splits(8, 1024, 2) == 4 * sms // 8
     assert _pick_num_splits(8, 1024, 8) == 2 * sms // 8  # prefill's 8 warps: still 2 programs per SM
