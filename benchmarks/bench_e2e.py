@@ -88,6 +88,12 @@ def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft
     raise ValueError(method)
 
 
+# Warm-up generations decode long enough to flush the recent-token buffer at least once (it flushes a group
+# when it holds 2G verified tokens; G is at most 256), so that no kernel compiles inside a timed generation. The
+# eleventh session's Qwen run warmed up with 4 tokens, and its first timed point of one engine was 1.8x slower.
+WARMUP_TOKENS = 2 * 256 + 16
+
+
 def timed(llm, prompts: list[dict], n: int) -> float:
     """Seconds to generate n tokens (greedy) for the prompts as one batch."""
     import torch
@@ -192,8 +198,8 @@ def worker(args: argparse.Namespace) -> None:
     chunk = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     memory = {"kv_tokens": kv_tokens, "weights_gib": weights_gib(llm)}
     g = torch.Generator().manual_seed(0)
-    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest).
-    timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], 4)
+    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest, flush included).
+    timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], WARMUP_TOKENS)
     for bs, ctx in points:
         n = fill_tokens(bs, ctx, chunk, per_step, args.n_out)
         prompt_len = min(ctx, max_model_len - n - 64)
@@ -313,7 +319,8 @@ def real_worker(args: argparse.Namespace) -> None:
     spec = args.worker in SPECULATIVE
     for ctx in sorted(set(min(c, max_model_len - args.n_out - OUTPUT_ROOM) for c in ctxs)):
         prompts = [[{"prompt_token_ids": ids[:ctx]}] for ids in texts.values()]
-        timed(llm, prompts[0], 4)  # warm-up (kernels compiled for this length)
+        # warm-up (kernels compiled for this length, flush included; the longest context leaves room for n_out)
+        timed(llm, prompts[0], min(WARMUP_TOKENS, max_model_len - ctx - OUTPUT_ROOM))
         ms, prefill, counts = [], [], 0
         for p in prompts:
             before = spec_counts(llm)

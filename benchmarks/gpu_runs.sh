@@ -27,9 +27,10 @@
 #   again (the third also `batch1`), .gpu/m1, .gpu/m2 + `real-gammas 4`, `real-gammas 2,8`
 #   tenth session (one refused start, 91 s): calls 1-3 (the third also `ncu`), `tune`, .gpu/m1, .gpu/m2 + `tests`,
 #   `b8`, `batch1`, then the target-only batch-1 run by hand (e2e-target-only-h200; device time spent)
-#   next: calls 1-3, the third with `tune` (its GPU tests first: the 2-warp draft-step default of a3cc06c; the sweep
-#   now also times the target-only INT8 decode), `batch1` (the 2-warp default end to end); then Qwen (.gpu/q01..q22,
-#   `qwen` twice: γ 2/4/8 with same-run baselines); `agreement` (synchronous)
+#   eleventh session: calls 1-3, the third with the kernels' GPU tests only (the 2-warp default; 32 passed), .gpu/q01..q22,
+#   `qwen` (killed by the call's limit as its γ=2 engine started: fixed), γ 2,8 resumed by hand, `batch1` (device time spent)
+#   next: calls 1-3, the third with `tune` (the sweep also times the target-only INT8 decode, never swept yet);
+#   `.gpu/m1`, `.gpu/m2` + `agreement` (synchronous); the batch-8 rows at 32k and 64k again (e2e-h200 is older)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -260,10 +261,14 @@ PY
     # γ=4 first (the same-run baselines), then QuantSpec's other γ
     start=$SECONDS
     QWEN=$(bash benchmarks/qwen_model.sh stage) || exit 1
-    left() { echo $((SECONDS - start < 420 ? 420 - (SECONDS - start) : 1)); }
+    # (the conversion takes about 3 minutes and an engine about 90 s: the eleventh session's first call ran the
+    # four γ=4 engines, then started γ=2 with 1 s of budget left and was killed by the call's limit)
+    left() { echo $((420 - (SECONDS - start))); }
     Q=(python benchmarks/bench_e2e.py --part real --model "$QWEN" --ctxs 1024,4096,16384,32000 --out "$RUNS/qwen" --resume)
     "${Q[@]}" --methods bf16,fp8,ngram,quantspec --gammas 4 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
-    "${Q[@]}" --methods quantspec --gammas 2,8 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
+    if [ "$(left)" -gt 120 ]; then
+      "${Q[@]}" --methods quantspec --gammas 2,8 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
+    else echo "γ 2 and 8: run this step again (it resumes)"; fi
     for f in "$RUNS"/qwen/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-qwen-h200.${f##*.}"; done
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
