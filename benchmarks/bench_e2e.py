@@ -17,7 +17,7 @@ output below the model's context (8192 for SmolLM2: the 8k point has 8192 - n_ou
 One engine per (method, γ), each in its own process. ms/token: one generation of n tokens per point,
 timed on its own steps while every request of the batch decodes (`decode_timing`; at batch > 1 each
 request generates more, enough for n such tokens after the batch's chunked prefills: `fill_tokens`),
-after one warm-up generation per engine (synthetic) or per context (real). --resume continues a run
+after one warm-up generation of n tokens per engine (synthetic) or per context (real). --resume continues a run
 cut short (by the device's 10-minute limit per call, say; --time-budget starts no engine past that
 many seconds) from its JSON, skipping the engines it holds. Writes e2e-<device>.json
 (synthetic) or e2e-real-<device>.json (real), both {"device","vllm","torch","command","date","rows"},
@@ -86,12 +86,6 @@ def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft
     if method == "quantspec":
         return {"speculative_config": {"method": "quantspec", **spec, **QUANTSPEC_OPTIONS}}
     raise ValueError(method)
-
-
-# Warm-up generations decode long enough to flush the recent-token buffer at least once (it flushes a group
-# when it holds 2G verified tokens; G is at most 256), so that no kernel compiles inside a timed generation. The
-# eleventh session's Qwen run warmed up with 4 tokens, and its first timed point of one engine was 1.8x slower.
-WARMUP_TOKENS = 2 * 256 + 16
 
 
 def timed(llm, prompts: list[dict], n: int) -> float:
@@ -198,8 +192,9 @@ def worker(args: argparse.Namespace) -> None:
     chunk = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     memory = {"kv_tokens": kv_tokens, "weights_gib": weights_gib(llm)}
     g = torch.Generator().manual_seed(0)
-    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest, flush included).
-    timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], WARMUP_TOKENS)
+    # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest), as long as a timed
+    # generation: whatever first runs some steps into a generation has run before the clock starts.
+    timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], args.n_out)
     for bs, ctx in points:
         n = fill_tokens(bs, ctx, chunk, per_step, args.n_out)
         prompt_len = min(ctx, max_model_len - n - 64)
@@ -319,8 +314,7 @@ def real_worker(args: argparse.Namespace) -> None:
     spec = args.worker in SPECULATIVE
     for ctx in sorted(set(min(c, max_model_len - args.n_out - OUTPUT_ROOM) for c in ctxs)):
         prompts = [[{"prompt_token_ids": ids[:ctx]}] for ids in texts.values()]
-        # warm-up (kernels compiled for this length, flush included; the longest context leaves room for n_out)
-        timed(llm, prompts[0], min(WARMUP_TOKENS, max_model_len - ctx - OUTPUT_ROOM))
+        timed(llm, prompts[0], args.n_out)  # warm-up as long as a timed generation (compiles for this length)
         ms, prefill, counts = [], [], 0
         for p in prompts:
             before = spec_counts(llm)

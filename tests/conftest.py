@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,3 +15,19 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The engine suites' model and prompts (test_hierarchical_kv_backend_gpu.py overrides `model`).
+@pytest.fixture(scope="module")
+def model():
+    """The embedded default model, SmolLM2-135M-Instruct converted to fp32 (built on first use)."""
+    from vllm_quantspec.embedded_model import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    from hkv_engines import source_prompts
+
+    return source_prompts(model)

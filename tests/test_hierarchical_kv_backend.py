@@ -23,13 +23,11 @@ from hkv_engines import (
     Engines,
     first_divergence,
     in_process_environment,
-    source_prompts,
     token_ids,
 )
 from vllm import SamplingParams
 
 from vllm_quantspec import recent_buffer
-from vllm_quantspec.embedded_model import embedded_model_path
 from vllm_quantspec.hierarchical_kv_backend import HierarchicalKVImpl, HierarchicalKVMetadataBuilder
 
 pytestmark = pytest.mark.engine
@@ -80,16 +78,6 @@ def platform():
 @pytest.fixture(scope="module")
 def tolerances():
     return FP32
-
-
-@pytest.fixture(scope="module")
-def model():
-    return embedded_model_path()
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    return source_prompts(model)
 
 
 @pytest.fixture(scope="module")

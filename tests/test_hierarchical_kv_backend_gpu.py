@@ -17,7 +17,6 @@ from test_hierarchical_kv_backend import (  # noqa: F401  (pytest collects what 
     alone,
     engines,
     hierarchical,
-    prompts,
     reference,
     test_abort_mid_generation_releases_the_ring_slot,
     test_batch_of_8_equals_batch_of_1,

@@ -39,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
-from hkv_engines import first_divergence, in_process_environment, source_prompts, token_ids
+from hkv_engines import first_divergence, in_process_environment, token_ids
 from quantspec_helpers import (
     EnginePool,
     SpecCounters,
@@ -53,7 +53,6 @@ from quantspec_helpers import (
 from vllm import SamplingParams
 
 from vllm_quantspec import proposer, reference_attention
-from vllm_quantspec.embedded_model import embedded_model_path
 from vllm_quantspec.hierarchical_kv_backend import HierarchicalKVMetadataBuilder
 
 pytestmark = pytest.mark.engine
@@ -112,16 +111,6 @@ EXACT_DRAFT_TOKENS = 64
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return embedded_model_path()
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    return source_prompts(model)
 
 
 @pytest.fixture(scope="module")
