@@ -47,6 +47,8 @@ ONES = {"vm_t": 1}
 SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
 # other launch parameters of the INT4 decode loop (warps, BLOCK_N): does any issue less per token?
 SWEEP = [(1, 128), (2, 128), (8, 128), (1, 64), (4, 64), (1, 32)]
+# the other launches at 2 warps (the backend takes 2 only for INT4 draft steps): do they spill?
+TWO_WARPS = [(1, "int8"), (5, "int4"), (5, "int8")]
 # register caps of the decode loop (paged_attention's maxnreg): 3 or 4 programs of 4 warps per SM, for spills
 MAXNREG = (168, 128)
 
@@ -153,6 +155,10 @@ def main() -> None:
               "branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
         lines.append(f"  warps={warps} BLOCK_N={block_n}: " + page_loop_summary(1, "int4", tmp, block_n, warps))
+    lines += ["", "the other launches at 2 warps, BLOCK_N=128 (target-only decode, then the γ=4 verify): warp "
+              "instructions per token and KV head of the page loop, spill loads/stores in it"]
+    for q_len, mode in TWO_WARPS:
+        lines.append(f"  {mode} q_len={q_len}: " + page_loop_summary(q_len, mode, tmp, 128, 2))
     lines += ["", "decode at the backend's tiles with a register cap (maxnreg; 65536 registers per SM hold 2 programs "
               "of 4 warps at 255, 3 at 168, 4 at 128): the page loop's warp instructions per token and KV head, "
               "spill loads/stores in it"]
