@@ -88,6 +88,16 @@ def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft
     raise ValueError(method)
 
 
+def options_field(method: str) -> dict:
+    """A row's record of --quantspec-options (QuantSpec rows, when given)."""
+    return {"quantspec_options": QUANTSPEC_OPTIONS} if method == "quantspec" and QUANTSPEC_OPTIONS else {}
+
+
+def options_lines(rows: list[dict]) -> list[str]:
+    return [x for o in dict.fromkeys(json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r)
+            for x in ("", f"QuantSpec options: `{o}`.")]
+
+
 def timed(llm, prompts: list[dict], n: int) -> float:
     """Seconds to generate n tokens (greedy) for the prompts as one batch."""
     import torch
@@ -216,7 +226,7 @@ def worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": LLAMA_8B_LABEL,
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
-            **({"quantspec_options": QUANTSPEC_OPTIONS} if args.worker == "quantspec" and QUANTSPEC_OPTIONS else {}),
+            **options_field(args.worker),
             **async_field(llm),
             **acceptance(spec_counts(llm) - before),
             "n_out": n, **memory, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
@@ -325,7 +335,8 @@ def real_worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": os.path.basename(os.path.normpath(args.model)), "dtype": args.dtype,
             "acceptance": "real" if spec else "none", "batch": 1, "ctx": ctx, "gamma": args.gamma if spec else 0,
             "ms_per_token": round(sum(ms) / len(ms), 3),
-            **acceptance(counts), **async_field(llm), "prompts": list(texts), "n_out": args.n_out,
+            **acceptance(counts), **async_field(llm), **options_field(args.worker), "prompts": list(texts),
+            "n_out": args.n_out,
             "startup_s": round(startup, 1), "prefill_s": round(sum(prefill) / len(prefill), 3),
         }), flush=True)
 
@@ -456,8 +467,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
                                       for g in result["accept_lengths"]) + "."),
              *[x for c in result.get("resumed", [])
                for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
-             *[x for o in dict.fromkeys(json.dumps(r["quantspec_options"]) for r in rows if "quantspec_options" in r)
-               for x in ("", f"QuantSpec options: `{o}`.")],
+             *options_lines(rows),
              "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens "
              "| weights GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -507,6 +517,7 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
              "tokens; mean accepted len = 1 + accepted / verification steps with drafts; accepted per position i = "
              "share of those steps that accepted draft tokens 1..i.",
              *[x for c in result.get("resumed", []) for x in ("", f"Rows of engines run earlier, kept by --resume: `{c}`.")],
+             *options_lines(rows),
              "", "| method | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | accepted per position |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -30,7 +30,8 @@
 #   eleventh session: calls 1-3, the third with the kernels' GPU tests only (the 2-warp default; 32 passed), .gpu/q01..q22,
 #   `qwen` (killed by the call's limit as its γ=2 engine started: fixed), γ 2,8 resumed by hand, `batch1` (device time spent)
 #   next: calls 1-3, the third with `tune` (the sweep also times the target-only INT8 decode, never swept yet);
-#   `.gpu/m1`, `.gpu/m2` + `agreement` (synchronous); `b8-rows hierarchical`, `b8-rows bf16,fp8`
+#   `batch1 lm-head` (the draft's int4 lm_head); `.gpu/m1`, `.gpu/m2` + `agreement` (synchronous);
+#   `b8-rows hierarchical`, `b8-rows bf16,fp8`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -60,7 +61,8 @@
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
-#   batch1       bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
+#   batch1 [lm-head]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
+#                (lm-head: the draft with an int4 lm_head)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -263,12 +265,14 @@ PY
       | tail -3
     ;;
   batch1)
-    # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them: the ninth session's attention kernel changes
-    # (metadata loads prefetched, one page tile per split allowed) end to end, in one run
+    # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;
+    # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200
+    options=$MARLIN; name=batch1
+    [ "${2:-}" = lm-head ] && options='{"draft_linear_backend": "marlin", "quantize_lm_head": true}' && name=batch1-lm-head
     python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
-      --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$MARLIN" --n-out 128 \
-      --out "$RUNS/batch1" --resume --time-budget 420 2>&1 | grep -v '^{'
-    for f in "$RUNS"/batch1/e2e-h200.*; do cp "$f" "$OUT/e2e-batch1-h200.${f##*.}"; done
+      --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
+      --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
+    for f in "$RUNS/$name"/e2e-h200.*; do cp "$f" "$OUT/e2e-$name-h200.${f##*.}"; done
     ;;
   part-b)
     # issue 5's synthetic grid in one run: batch 1, 4 and 16 x 4k-128k (a point that does not fit a method's KV
