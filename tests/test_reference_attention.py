@@ -13,6 +13,7 @@ from vllm_quantspec.hierarchical_kv import (
     dequantize_values,
     write_groups,
 )
+from vllm_quantspec import reference_attention
 from vllm_quantspec.reference_attention import attention
 
 G, H, R, KEEP = 16, 2, 32, 16  # group/block size, kv heads, ring size, fp_keep
@@ -114,6 +115,15 @@ def test_matches_dense_on_dequantized_cache(mode, d, ratio):
     assert out.shape == case.inputs["q"].shape and out.dtype == torch.float32
     ref = _dense(case, mode)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_query_chunks_match_dense(mode, monkeypatch):
+    """Long prefills run in query chunks, each over only the keys it can see. Chunks of 4 query tokens
+    (the 40-, 9- and 5-token queries above cross chunk and group boundaries) give the dense result."""
+    monkeypatch.setattr(reference_attention, "QUERY_CHUNK", 4)
+    case = _make_case(SEQS, 4, 64, seed=7)
+    torch.testing.assert_close(attention(**case.inputs, mode=mode), _dense(case, mode), rtol=1e-5, atol=1e-5)
 
 
 def test_model_dtype_inputs():
