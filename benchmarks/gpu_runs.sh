@@ -29,9 +29,8 @@
 #   `b8`, `batch1`, then the target-only batch-1 run by hand (e2e-target-only-h200; device time spent)
 #   eleventh session: calls 1-3, the third with the kernels' GPU tests only (the 2-warp default; 32 passed), .gpu/q01..q22,
 #   `qwen` (killed by the call's limit as its γ=2 engine started: fixed), γ 2,8 resumed by hand, `batch1` (device time spent)
-#   next: calls 1-3, the third with `tune` (the sweep also times the target-only INT8 decode, never swept yet);
-#   `batch1 lm-head` (the draft's int4 lm_head); `.gpu/m1`, `.gpu/m2` + `agreement` (synchronous);
-#   `b8-rows hierarchical`, `b8-rows bf16,fp8`
+#   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep);
+#   `target-only`; .gpu/m1, .gpu/m2 + `tests`; `agreement` (synchronous)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -55,8 +54,8 @@
 #   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy, and
 #                sampled stalls per SASS instruction)
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
-#   b8-rows M    the hierarchical cache, bf16 and fp8 KV at batch 8 x 32k and 64k (a call per method group M), then
-#                kv-backend-h200 reassembled
+#   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
+#                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
@@ -112,7 +111,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | b8-rows | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | target-only | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -249,20 +248,19 @@ PY
       --n-out 256 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
     for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
     ;;
-  b8-rows)
-    # issue 4's batch-8 rows at 32k and 64k on the kernel as it is (kv-backend-h200 takes them from the older
-    # e2e-h200 run): target only, a call per METHODS (hierarchical | bf16,fp8), one run (--resume); then
-    # kv-backend-h200 reassembled from the runs, the newest first
-    python benchmarks/bench_e2e.py --part synthetic --points 8x32768,8x65536 --methods "${2:?b8-rows METHODS}" \
-      --accept-length 1 --n-out 64 --out "$RUNS/b8-rows" --resume --time-budget 300 2>&1 | grep -v '^{'
-    for f in "$RUNS"/b8-rows/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-h200.${f##*.}"; done
+  target-only)
+    # issue 4's rows on the kernel as it is, in one run: the hierarchical cache, bf16 and fp8 KV, target only, at
+    # batch 1 x 32k-128k and batch 8 x 32k and 64k (--resume: a second call finishes what the budget left); then
+    # kv-backend-h200 reassembled, each point taken whole from the first run holding it (8 x 128k: e2e-b8-128k-h200)
+    python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x65536,1x131072,8x32768,8x65536 \
+      --methods hierarchical,bf16,fp8 --accept-length 1 --n-out 64 --out "$RUNS/target-only" --resume \
+      --time-budget 400 2>&1 | grep -v '^{'
+    for f in "$RUNS"/target-only/e2e-h200.*; do cp "$f" "$OUT/e2e-target-only-h200.${f##*.}"; done
     R=benchmarks/results
-    # (once the run has all three methods: bench_kv_backend takes each point whole from the first run holding it)
     python -c "import json, sys; sys.exit({'bf16', 'fp8', 'hierarchical'} - {r['method'] for r in
-               json.load(open('$RUNS/b8-rows/e2e-h200.json'))['rows']} != set())" &&
+               json.load(open('$RUNS/target-only/e2e-h200.json'))['rows']} != set())" &&
     python benchmarks/bench_kv_backend.py --ppl $R/ppl-h200.json --out "$OUT" --tag h200 \
-      --from-e2e $R/e2e-target-only-h200.json,$RUNS/b8-rows/e2e-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json \
-      | tail -3
+      --from-e2e $RUNS/target-only/e2e-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json | tail -3
     ;;
   batch1)
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;

@@ -481,7 +481,7 @@ class Tiles:
         if num_warps is None:
             num_warps = 4 if block_m <= 32 else 8
             page_tiles = seq_heads * triton.cdiv(max_seq_len, min(G, block_n))
-            if mode == "int4" and block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
+            if mode in ("int4", "int8") and block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
                 num_warps = 2
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
         return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)

@@ -273,7 +273,7 @@ def test_gpu_llama8b_shape(mode, q_len, kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode,q_len", [("int4", 1), ("int8", 5)])
+@pytest.mark.parametrize("mode,q_len", [("int4", 1), ("int8", 5), ("int8", 1)])
 @pytest.mark.parametrize("block_n,num_warps", [(128, 2), (64, 1), (32, 1)])
 def test_gpu_launch_variants(mode, q_len, block_n, num_warps):
     """The other launches tune_attention.py --quick times (fewer warps, page tiles smaller than a page),
@@ -325,7 +325,8 @@ def test_launch_heuristic():
     assert (decode.block_m, decode.num_warps, verify.block_m, verify.num_warps) == (16, 4, 32, 4)
     assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms, max_seq_len=128).num_warps == 2
     assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms - 1, max_seq_len=128) == decode
-    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=64 * sms, max_seq_len=128) == decode
+    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=4 * sms, max_seq_len=128).num_warps == 2
+    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=4 * sms - 1, max_seq_len=128) == decode
     assert Tiles.of(5, 4, 128, mode="int4", seq_heads=64 * sms, max_seq_len=128) == verify
     assert Tiles.of(1, 4, 128, True, mode="int4", seq_heads=64 * sms, max_seq_len=128).num_warps != 2
     assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
