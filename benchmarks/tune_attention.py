@@ -127,7 +127,7 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
             # the backend's launch (paged_attention's defaults)
-            default_tiles = Tiles.of(q_len, HQ // H, G, mode=mode, seq_heads=batch * H, max_seq_len=ctx)
+            default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)

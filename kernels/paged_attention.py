@@ -463,15 +463,16 @@ class Tiles:
 
     @staticmethod
     def of(max_query_len: int, grp: int, G: int, batch_invariant: bool = False, block_m: int | None = None,
-           block_n: int | None = None, num_warps: int | None = None, *, mode: str | None = None,
-           seq_heads: int = 0, max_seq_len: int = 0) -> "Tiles":
+           block_n: int | None = None, num_warps: int | None = None, *, seq_heads: int = 0,
+           max_seq_len: int = 0) -> "Tiles":
         """M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
-        `mode`, `seq_heads` (sequences x kv heads) and `max_seq_len` let the default warps follow the
-        launch: INT4 single-token launches (draft steps) with page tiles enough for 4 programs per SM
-        get 2 warps a program, 4 programs per SM (tune-attention-h200: 96.5 against 105.2 µs a layer at
-        1 x 128k, 94.7 against 110.1 at 4 x 32k, 70.8 against 79.1 at 16 x 4k; 4 warps stay better at
-        1 x 4k, whose 256 page tiles fill 2 programs per SM only). The INT8 verify is faster at 4 warps
-        everywhere."""
+        `seq_heads` (sequences x kv heads) and `max_seq_len` let the default warps follow the launch:
+        single-token launches (INT4 draft steps, INT8 target-only decode) with page tiles enough
+        for 4 programs per SM get 2 warps a program, 4 programs per SM. tune-attention-h200 (twelfth
+        session), 2 against 4 warps in µs a layer: INT4 91.7 / 106.0 at 1 x 128k, 94.4 / 109.4 at 4 x 32k,
+        70.7 / 76.2 at 16 x 4k; INT8 121.1 / 127.7 at 1 x 128k, 126.2 / 128.8 at 4 x 32k, but 46.7 / 45.1
+        at 1 x 32k and 83.1 / 81.2 at 16 x 4k. 4 warps stay at 1 x 4k, whose 256 page tiles fill 2
+        programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x)."""
         if block_m is None:
             block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
         block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
@@ -481,7 +482,7 @@ class Tiles:
         if num_warps is None:
             num_warps = 4 if block_m <= 32 else 8
             page_tiles = seq_heads * triton.cdiv(max_seq_len, min(G, block_n))
-            if mode in ("int4", "int8") and block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
+            if block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
                 num_warps = 2
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
         return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)
@@ -507,7 +508,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     backend's ring write would after the attention (only for queries short enough that the ring holds
     them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
     are the fastest measured on an H100 and H200: decode/verify (M <= 32 rows) 4 warps over 128-token tiles
-    (2 for INT4 draft steps over enough page tiles: `Tiles.of`), prefill (M = 64) 8 warps over
+    (2 for single-token steps over enough page tiles: `Tiles.of`), prefill (M = 64) 8 warps over
     64-token tiles (fewer registers per thread: no spills). `maxnreg` caps
     the registers per thread (ptxas spills the rest): tune_attention.py measures whether more programs per
     SM pay for the spills; unset, ptxas takes what it needs (255 for decode: two programs per SM).
@@ -538,7 +539,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out = torch.empty_like(q)
     if T == 0:
         return out
-    tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, mode=mode, seq_heads=B * H,
+    tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, seq_heads=B * H,
                      max_seq_len=max_seq_len)
     block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)

@@ -317,18 +317,16 @@ def test_dequantize_pages_matches_reference(mode, VG):
 
 
 def test_launch_heuristic():
-    """The backend's launch: INT4 single-token programs (draft steps) take 2 warps once the page tiles fill
-    4 programs per SM (tune-attention-h200), verifies and INT8 keep 4, and the split count fills 8 warps
-    per SM (at least 2 programs), never more splits than page tiles."""
+    """The backend's launch: single-token programs (INT4 draft steps, INT8 target-only decode) take 2 warps
+    once the page tiles fill 4 programs per SM (tune-attention-h200), verifies keep 4, and the split count
+    fills 8 warps per SM (at least 2 programs), never more splits than page tiles."""
     sms = _num_sms()
     decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
     assert (decode.block_m, decode.num_warps, verify.block_m, verify.num_warps) == (16, 4, 32, 4)
-    assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms, max_seq_len=128).num_warps == 2
-    assert Tiles.of(1, 4, 128, mode="int4", seq_heads=4 * sms - 1, max_seq_len=128) == decode
-    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=4 * sms, max_seq_len=128).num_warps == 2
-    assert Tiles.of(1, 4, 128, mode="int8", seq_heads=4 * sms - 1, max_seq_len=128) == decode
-    assert Tiles.of(5, 4, 128, mode="int4", seq_heads=64 * sms, max_seq_len=128) == verify
-    assert Tiles.of(1, 4, 128, True, mode="int4", seq_heads=64 * sms, max_seq_len=128).num_warps != 2
+    assert Tiles.of(1, 4, 128, seq_heads=4 * sms, max_seq_len=128).num_warps == 2
+    assert Tiles.of(1, 4, 128, seq_heads=4 * sms - 1, max_seq_len=128) == decode
+    assert Tiles.of(5, 4, 128, seq_heads=64 * sms, max_seq_len=128) == verify
+    assert Tiles.of(1, 4, 128, True, seq_heads=64 * sms, max_seq_len=128).num_warps != 2
     assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
     assert _pick_num_splits(8, 1024, 2) == 4 * sms // 8
     assert _pick_num_splits(8, 1024, 8) == 2 * sms // 8  # prefill's 8 warps: still 2 programs per SM
