@@ -29,8 +29,11 @@
 #   `b8`, `batch1`, then the target-only batch-1 run by hand (e2e-target-only-h200; device time spent)
 #   eleventh session: calls 1-3, the third with the kernels' GPU tests only (the 2-warp default; 32 passed), .gpu/q01..q22,
 #   `qwen` (killed by the call's limit as its γ=2 engine started: fixed), γ 2,8 resumed by hand, `batch1` (device time spent)
-#   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep);
-#   `target-only`; .gpu/m1, .gpu/m2 + `tests`; `agreement` (synchronous)
+#   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep),
+#   `target-only` (438 s), .gpu/m1, .gpu/m2 + `tests` (221 s), `agreement` (synchronous, 218 s), then twice by hand
+#   the hierarchical engine at 1 x 32k / 128k (e2e-target-only-repeat*; the 4-warp A/B beside it failed: a bad sed)
+#   next: the same `target-only` engine twice in one call (is the slower first engine noise or a cause?); a 4-warp
+#   INT8 decode A/B in one call needs a launch override, not a sed
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
