@@ -32,8 +32,8 @@
 #   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep),
 #   `target-only` (438 s), .gpu/m1, .gpu/m2 + `tests` (221 s), `agreement` (synchronous, 218 s), then twice by hand
 #   the hierarchical engine at 1 x 32k / 128k (e2e-target-only-repeat*; the 4-warp A/B beside it failed: a bad sed)
-#   next: the same `target-only` engine twice in one call (is the slower first engine noise or a cause?); a 4-warp
-#   INT8 decode A/B in one call needs a launch override, not a sed
+#   next: the same `target-only` engine twice in one call (is the slower first engine noise or a cause?); an end-to-end
+#   4-warp INT8 decode A/B would sit inside that engine-to-engine spread (0.35 ms), so the sweep stays its measure
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
