@@ -125,9 +125,9 @@ def main():
         measured = {r["op"]: r["us"] for r in attention_rows(batch, ctx, q_len, math.nan)}
         fa3_us = measured["fa3_bf16"]
         case = quantized_case(batch, ctx, q_len)
+        # the backend's launch (paged_attention's defaults; the same for both modes)
+        default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx)
         for mode in modes:
-            # the backend's launch (paged_attention's defaults)
-            default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)
