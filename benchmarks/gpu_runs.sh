@@ -32,7 +32,7 @@
 #   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep),
 #   `target-only` (438 s), .gpu/m1, .gpu/m2 + `tests` (221 s), `agreement` (synchronous, 218 s), then twice by hand
 #   the hierarchical engine at 1 x 32k / 128k (e2e-target-only-repeat*; the 4-warp A/B beside it failed: a bad sed)
-#   next: the same `target-only` engine twice in one call (is the slower first engine noise or a cause?); an end-to-end
+#   next: `target-only-twice` (is the slower first engine noise or a cause?); an end-to-end
 #   4-warp INT8 decode A/B would sit inside that engine-to-engine spread (0.35 ms), so the sweep stays its measure
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
@@ -59,6 +59,7 @@
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
+#   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
@@ -114,7 +115,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | target-only | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | target-only | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -264,6 +265,15 @@ PY
                json.load(open('$RUNS/target-only/e2e-h200.json'))['rows']} != set())" &&
     python benchmarks/bench_kv_backend.py --ppl $R/ppl-h200.json --out "$OUT" --tag h200 \
       --from-e2e $RUNS/target-only/e2e-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json | tail -3
+    ;;
+  target-only-twice)
+    # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1
+    # than two later engines of the same code; the same 5-point engine twice in one call, back to back
+    for run in 1 2; do
+      python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x65536,1x131072,8x32768,8x65536 \
+        --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/twice-$run" 2>&1 | grep -E '^\| hier|done'
+      for f in "$RUNS/twice-$run"/e2e-h200.*; do cp "$f" "$OUT/e2e-target-only-twice$run-h200.${f##*.}"; done
+    done
     ;;
   batch1)
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;
