@@ -47,7 +47,7 @@ ONES = {"vm_t": 1}
 SHAPES = [("decode", 1, "int4"), ("decode", 1, "int8"), ("verify", 5, "int4"), ("verify", 5, "int8")]
 # other launch parameters of the INT4 decode loop (warps, BLOCK_N): does any issue less per token?
 SWEEP = [(1, 128), (2, 128), (8, 128), (1, 64), (4, 64), (1, 32)]
-# the other launches at 2 warps (the backend takes 2 only for INT4 draft steps): do they spill?
+# the other launches at 2 warps (the backend takes 2 only for single-token steps over enough page tiles): do they spill?
 TWO_WARPS = [(1, "int8"), (5, "int4"), (5, "int8")]
 # register caps of the decode loop (paged_attention's maxnreg): 3 or 4 programs of 4 warps per SM, for spills
 MAXNREG = (168, 128)

@@ -482,7 +482,9 @@ class Tiles:
         if num_warps is None:
             num_warps = 4 if block_m <= 32 else 8
             page_tiles = seq_heads * triton.cdiv(max_seq_len, min(G, block_n))
-            if block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
+            # one query token, not any 16-row block: a verify of up to 4 tokens x 4 heads fits 16 rows too, and
+            # the sweep found verifies faster at 4 warps
+            if max_query_len == 1 and block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
                 num_warps = 2
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
         return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)

@@ -326,6 +326,8 @@ def test_launch_heuristic():
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms, max_seq_len=128).num_warps == 2
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms - 1, max_seq_len=128) == decode
     assert Tiles.of(5, 4, 128, seq_heads=64 * sms, max_seq_len=128) == verify
+    assert Tiles.of(4, 4, 128, seq_heads=64 * sms, max_seq_len=128).num_warps == 4  # a 16-row verify
+    assert Tiles.of(2, 3, 128, seq_heads=64 * sms, max_seq_len=128).num_warps == 4  # SmolLM2's γ=1 verify
     assert Tiles.of(1, 4, 128, True, seq_heads=64 * sms, max_seq_len=128).num_warps != 2
     assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
     assert _pick_num_splits(8, 1024, 2) == 4 * sms // 8
