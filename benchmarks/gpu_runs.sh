@@ -95,6 +95,10 @@ E2E=(python benchmarks/bench_e2e.py --part synthetic --points "$POINTS" --n-out 
 MODEL=/tmp/stage-model/models/smollm2-135m-instruct
 
 out() { cp "$@" "$OUT"/ 2>/dev/null; true; }
+# out_renamed RUN_STEM NAME: a run's result files (RUN_STEM.json/.md/.png) to $OUT as NAME.json/.md/.png
+out_renamed() { for f in "$1".*; do cp "$f" "$OUT/$2.${f##*.}"; done; }
+# issue 4's target-only points (`target-only`, and `target-only-twice` runs the same engine)
+TARGET_POINTS=1x32768,1x65536,1x131072,8x32768,8x65536
 # the kernels' GPU tests (real shapes, G=128, bf16)
 kernel_tests() {
   timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
@@ -140,7 +144,7 @@ case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases
     [ "${2:?real-gammas 4 | 2,8}" = 4 ] || gammas="4,$2"
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" \
       --resume --methods bf16,fp8,ngram,quantspec --gammas "$gammas" --time-budget 400 2>&1 | grep -v '^{' | tail -30
-    for f in "$RUNS"/real-gammas/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-gammas-h200.${f##*.}"; done
+    out_renamed "$RUNS"/real-gammas/e2e-real-h200 "e2e-real-gammas-h200"
     ;;
   speculative)
     # the draft's W4A16 kernel family: whichever bench_kernels measured faster over the 8B layers at M = 1
@@ -168,7 +172,7 @@ PY
     python benchmarks/bench_e2e.py --part synthetic --points 1x4096,1x32768,1x65536,1x131072,4x32768,16x4096 \
       --methods quantspec,draft_model,bf16,fp8 --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 \
       --quantspec-options "$MARLIN" --n-out 64 --out "$RUNS/baselines" --resume --time-budget 400 2>&1 | grep -v '^{'
-    for f in "$RUNS"/baselines/e2e-h200.*; do cp "$f" "$OUT/e2e-baselines-h200.${f##*.}"; done
+    out_renamed "$RUNS"/baselines/e2e-h200 "e2e-baselines-h200"
     ;;
   phases)
     for ctx in 4096 32768; do profile --method quantspec --ctx $ctx; done | tee "$RUNS/phases-quantspec-h200.txt"
@@ -191,7 +195,7 @@ PY
     python benchmarks/bench_e2e.py --part synthetic --points 1x4096,1x32768,1x131072 --methods bf16,quantspec \
       --gamma 2,1,4 --accept-from benchmarks/results/e2e-real-h200.json --async-scheduling \
       --quantspec-options "$MARLIN" --n-out 64 --out "$RUNS/gamma" --resume --time-budget 420 2>&1 | grep -v '^{'
-    for f in "$RUNS"/gamma/e2e-h200.*; do cp "$f" "$OUT/e2e-gamma-h200.${f##*.}"; done
+    out_renamed "$RUNS"/gamma/e2e-h200 "e2e-gamma-h200"
     ;;
   tests)
     # the invariance test compiles the real kernel: its tile layouts are what could break invariance
@@ -250,16 +254,16 @@ PY
     # n_out outlasts the other requests' chunked prefills (32 did not: bench_e2e refuses such a point now)
     python benchmarks/bench_e2e.py --part synthetic --points 8x131072 --methods hierarchical,fp8 --accept-length 1 \
       --n-out 256 --out "$RUNS/b8" --resume --time-budget 420 2>&1 | grep -v '^{'
-    for f in "$RUNS"/b8/e2e-h200.*; do cp "$f" "$OUT/e2e-b8-128k-h200.${f##*.}"; done
+    out_renamed "$RUNS"/b8/e2e-h200 "e2e-b8-128k-h200"
     ;;
   target-only)
     # issue 4's rows on the kernel as it is, in one run: the hierarchical cache, bf16 and fp8 KV, target only, at
     # batch 1 x 32k-128k and batch 8 x 32k and 64k (--resume: a second call finishes what the budget left); then
     # kv-backend-h200 reassembled, each point taken whole from the first run holding it (8 x 128k: e2e-b8-128k-h200)
-    python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x65536,1x131072,8x32768,8x65536 \
+    python benchmarks/bench_e2e.py --part synthetic --points "$TARGET_POINTS" \
       --methods hierarchical,bf16,fp8 --accept-length 1 --n-out 64 --out "$RUNS/target-only" --resume \
       --time-budget 400 2>&1 | grep -v '^{'
-    for f in "$RUNS"/target-only/e2e-h200.*; do cp "$f" "$OUT/e2e-target-only-h200.${f##*.}"; done
+    out_renamed "$RUNS"/target-only/e2e-h200 "e2e-target-only-h200"
     R=benchmarks/results
     python -c "import json, sys; sys.exit({'bf16', 'fp8', 'hierarchical'} - {r['method'] for r in
                json.load(open('$RUNS/target-only/e2e-h200.json'))['rows']} != set())" &&
@@ -270,9 +274,9 @@ PY
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1
     # than two later engines of the same code; the same 5-point engine twice in one call, back to back
     for run in 1 2; do
-      python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x65536,1x131072,8x32768,8x65536 \
+      python benchmarks/bench_e2e.py --part synthetic --points "$TARGET_POINTS" \
         --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/twice-$run" 2>&1 | grep -E '^\| hier|done'
-      for f in "$RUNS/twice-$run"/e2e-h200.*; do cp "$f" "$OUT/e2e-target-only-twice$run-h200.${f##*.}"; done
+      out_renamed "$RUNS/twice-$run/e2e-h200" "e2e-target-only-twice$run-h200"
     done
     ;;
   batch1)
@@ -283,7 +287,7 @@ PY
     python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
-    for f in "$RUNS/$name"/e2e-h200.*; do cp "$f" "$OUT/e2e-$name-h200.${f##*.}"; done
+    out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"
     ;;
   part-b)
     # issue 5's synthetic grid in one run: batch 1, 4 and 16 x 4k-128k (a point that does not fit a method's KV
@@ -293,7 +297,7 @@ PY
       --points 1x4096,1x32768,1x65536,1x131072,4x4096,4x32768,4x65536,4x131072,16x4096,16x32768,16x65536,16x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$MARLIN" --n-out 128 \
       --out "$RUNS/part-b" --resume --time-budget 250 2>&1 | grep -v '^{'
-    for f in "$RUNS"/part-b/e2e-h200.*; do cp "$f" "$OUT/e2e-part-b-h200.${f##*.}"; done
+    out_renamed "$RUNS"/part-b/e2e-h200 "e2e-part-b-h200"
     ;;
   qwen)
     # one call for the conversion and the first engines, a second resumes: bf16, fp8, ngram and QuantSpec at
@@ -308,7 +312,7 @@ PY
     if [ "$(left)" -gt 120 ]; then
       "${Q[@]}" --methods quantspec --gammas 2,8 --time-budget "$(left)" 2>&1 | grep -v '^{' | tail -20
     else echo "γ 2 and 8: run this step again (it resumes)"; fi
-    for f in "$RUNS"/qwen/e2e-real-h200.*; do cp "$f" "$OUT/e2e-real-qwen-h200.${f##*.}"; done
+    out_renamed "$RUNS"/qwen/e2e-real-h200 "e2e-real-qwen-h200"
     ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
