@@ -52,6 +52,8 @@
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
+#   kernel-tests the kernels' GPU tests alone
+#   kernel-times [METHODS [CTX]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
 #   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
 #                page tile and split count swept at the engine's launches
 #   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy, and
@@ -119,7 +121,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | b8 | target-only | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -278,6 +280,20 @@ PY
         --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/twice-$run" 2>&1 | grep -E '^\| hier|done'
       out_renamed "$RUNS/twice-$run/e2e-h200" "e2e-target-only-twice$run-h200"
     done
+    ;;
+  kernel-tests)
+    kernel_tests
+    out "$RUNS"/pytest-kernels-h200.txt
+    ;;
+  kernel-times)
+    # where a decode token's device time goes, kernel by kernel (profile_step.py --kernels), 8B shape, batch 1, one
+    # engine per method: `kernel-times METHODS CTX` (default hierarchical,bf16 at 32k: issue 4's batch-1 gap)
+    methods=${2:-hierarchical,bf16}; ctx=${3:-32768}
+    for method in ${methods//,/ }; do
+      timeout 190 python benchmarks/profile_step.py --method "$method" --ctx "$ctx" --steps 32 --kernels \
+        --accept-length "$(accept_length)" --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{| )'
+    done | tee -a "$RUNS/kernel-times-h200.txt"
+    out "$RUNS/kernel-times-h200.txt"
     ;;
   batch1)
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;

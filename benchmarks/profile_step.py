@@ -10,6 +10,8 @@ execute_model (the target's verify forward with its input and metadata preparati
 sample_tokens minus the draft (rejection sampling and bookkeeping). The syncs cost the overlap of
 host and device work, so phase times add up to a bit more than the free-running ms/token printed
 first. --profile adds torch.profiler tables (host and device operations) over the same steps.
+--kernels: the device time of each kernel per generated token in decode alone: two generations under
+torch.profiler, 2 tokens and 2 + steps (the same prefill), differenced per kernel name.
 """
 
 import argparse
@@ -56,6 +58,7 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                    help="quantspec (or draft_model) with async_scheduling True / False (default: vLLM's)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--kernels", action="store_true", help="per-kernel device time per decode token")
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
@@ -112,6 +115,8 @@ def main() -> None:
                       "execute_model_ms": round(totals["execute_model"] / steps * 1e3, 3),
                       "sample_tokens_minus_draft_ms": round((totals["sample_tokens"] - totals["propose"]) / steps * 1e3, 3)}),
           flush=True)
+    if args.kernels:
+        print_kernel_times(llm, prompt, args.steps, args.method, args.ctx, ms)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -120,6 +125,40 @@ def main() -> None:
         events = prof.key_averages()
         print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
         print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
+def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: float) -> None:
+    """Device time per generated token by kernel name, decode only: a generation of 2 + steps tokens
+    minus one of 2 (same prompt, same prefill), under torch.profiler (kernels replayed from CUDA
+    graphs included: CUPTI records them one by one)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+
+    def device_times(n: int) -> dict[str, tuple[float, int]]:
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompt, sp, use_tqdm=False)
+        return {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
+                if e.device_type == DeviceType.CUDA}
+
+    base, full = device_times(2), device_times(2 + steps)
+    rows = []
+    for name, (us, count) in full.items():
+        us0, count0 = base.get(name, (0.0, 0))
+        rows.append(((us - us0) / steps, (count - count0) / steps, name))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"[{method}] ctx {ctx}: decode device time per token {total / 1e3:.3f} ms (free-running "
+          f"{ms_free:.2f} ms per token); by kernel, per token:", flush=True)
+    print(f"{'us':>9} {'calls':>7}  kernel")
+    for us, calls, name in rows:
+        if us >= 1.0:
+            print(f"{us:9.1f} {calls:7.1f}  {name[:110]}")
+    print(json.dumps({"method": method, "ctx": ctx, "device_ms_per_token": round(total / 1e3, 3),
+                      "ms_per_token_free": round(ms_free, 3),
+                      "kernels_us_per_token": {name[:110]: round(us, 2) for us, _, name in rows if us >= 1.0}}),
+          flush=True)
 
 
 if __name__ == "__main__":
