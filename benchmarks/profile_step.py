@@ -143,19 +143,20 @@ def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: 
                 if e.device_type == DeviceType.CUDA}
 
     base, full = device_times(2), device_times(2 + steps)
+    runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
     rows = []
     for name, (us, count) in full.items():
         us0, count0 = base.get(name, (0.0, 0))
         rows.append(((us - us0) / steps, (count - count0) / steps, name))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"[{method}] ctx {ctx}: decode device time per token {total / 1e3:.3f} ms (free-running "
+    print(f"[{method}] ctx {ctx}, model runner {runner}: decode device time per token {total / 1e3:.3f} ms (free-running "
           f"{ms_free:.2f} ms per token); by kernel, per token:", flush=True)
     print(f"{'us':>9} {'calls':>7}  kernel")
     for us, calls, name in rows:
         if us >= 1.0:
             print(f"{us:9.1f} {calls:7.1f}  {name[:110]}")
-    print(json.dumps({"method": method, "ctx": ctx, "device_ms_per_token": round(total / 1e3, 3),
+    print(json.dumps({"method": method, "ctx": ctx, "model_runner": runner, "device_ms_per_token": round(total / 1e3, 3),
                       "ms_per_token_free": round(ms_free, 3),
                       "kernels_us_per_token": {name[:110]: round(us, 2) for us, _, name in rows if us >= 1.0}}),
           flush=True)
