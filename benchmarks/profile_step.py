@@ -130,35 +130,56 @@ def main() -> None:
 def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: float) -> None:
     """Device time per generated token by kernel name, decode only: a generation of 2 + steps tokens
     minus one of 2 (same prompt, same prefill), under torch.profiler (kernels replayed from CUDA
-    graphs included: CUPTI records them one by one)."""
+    graphs included: CUPTI records them one by one). Also per token: the device's idle time (gaps
+    in the union of all its activity) by the kernel that ends each gap, and the host's launch calls."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
-    def device_times(n: int) -> dict[str, tuple[float, int]]:
+    launches = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync")
+
+    def measure(n: int) -> dict[str, dict[str, float]]:
+        """us of each kernel, its count, the idle us before it, and the host's launch calls."""
         sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(prompt, sp, use_tqdm=False)
-        return {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
-                if e.device_type == DeviceType.CUDA}
+        m = {key: defaultdict(float) for key in ("busy", "count", "idle", "calls")}
+        end = None
+        for e in sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start):
+            m["busy"][e.name] += e.time_range.elapsed_us()
+            m["count"][e.name] += 1
+            if end is not None and e.time_range.start > end:
+                m["idle"][e.name] += e.time_range.start - end
+            end = e.time_range.end if end is None else max(end, e.time_range.end)
+        for e in prof.events():
+            if e.device_type == DeviceType.CPU and e.name in launches:
+                m["calls"][e.name] += 1
+        return m
 
-    base, full = device_times(2), device_times(2 + steps)
+    base, full = measure(2), measure(2 + steps)
+
+    def per_token(key: str) -> list[tuple[float, str]]:
+        return sorted((((v - base[key].get(k, 0.0)) / steps, k) for k, v in full[key].items()), reverse=True)
+
     runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
-    rows = []
-    for name, (us, count) in full.items():
-        us0, count0 = base.get(name, (0.0, 0))
-        rows.append(((us - us0) / steps, (count - count0) / steps, name))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"[{method}] ctx {ctx}, model runner {runner}: decode device time per token {total / 1e3:.3f} ms (free-running "
-          f"{ms_free:.2f} ms per token); by kernel, per token:", flush=True)
+    kernels, gaps, host = per_token("busy"), per_token("idle"), per_token("calls")
+    counts = dict((k, n) for n, k in per_token("count"))
+    total, total_idle = sum(us for us, _ in kernels), sum(us for us, _ in gaps)
+    print(f"[{method}] ctx {ctx}, model runner {runner}: decode device time per token {total / 1e3:.3f} ms, "
+          f"idle {total_idle / 1e3:.3f} ms (free-running {ms_free:.2f} ms per token); by kernel, per token:", flush=True)
     print(f"{'us':>9} {'calls':>7}  kernel")
-    for us, calls, name in rows:
+    for us, name in kernels:
         if us >= 1.0:
-            print(f"{us:9.1f} {calls:7.1f}  {name[:110]}")
+            print(f"{us:9.1f} {counts[name]:7.1f}  {name[:110]}")
+    print(f" idle us per token, by the kernel that ends the gap:")
+    for us, name in gaps[:12]:
+        print(f"{us:9.1f}  {name[:110]}")
+    print(" host launch calls per token: " + ", ".join(f"{name} {n:.1f}" for n, name in host))
     print(json.dumps({"method": method, "ctx": ctx, "model_runner": runner, "device_ms_per_token": round(total / 1e3, 3),
-                      "ms_per_token_free": round(ms_free, 3),
-                      "kernels_us_per_token": {name[:110]: round(us, 2) for us, _, name in rows if us >= 1.0}}),
+                      "idle_ms_per_token": round(total_idle / 1e3, 3), "ms_per_token_free": round(ms_free, 3),
+                      "kernels_us_per_token": {name[:110]: round(us, 2) for us, name in kernels if us >= 1.0},
+                      "idle_us_per_token_by_next_kernel": {name[:110]: round(us, 2) for us, name in gaps[:12]},
+                      "host_launch_calls_per_token": {name: round(n, 2) for n, name in host}}),
           flush=True)
 
 
