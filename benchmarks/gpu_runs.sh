@@ -104,6 +104,7 @@ TARGET_POINTS=1x32768,1x65536,1x131072,8x32768,8x65536
 # the kernels' GPU tests (real shapes, G=128, bf16)
 kernel_tests() {
   timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_write.py \
+    tests/test_kernels_metadata.py \
     2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
 }
 # the backend's bf16 engine suite on the staged SmolLM2 (benchmarks/gpu_model.sh stage)

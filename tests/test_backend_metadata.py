@@ -130,3 +130,41 @@ def test_prefill_flush_is_planned_from_exact_lengths_under_async_scheduling(monk
     # what the host bound alone plans: verify-a's group 16..31 (positions 30 and 31 not verified yet),
     # and not verify-b's, which no later step would flush (their flush ranges start at 32)
     assert plan(builder(False), optimistic)[0] == [100 + 1] + want[:-1]
+
+
+@pytest.mark.parametrize("is_draft_step", [False, True])
+def test_fused_decode_metadata_equals_the_torch_path(monkeypatch, is_draft_step):
+    """On a GPU the builder computes a decode, verify or draft step's ring rows and flush list in one
+    kernel (kernels/decode_metadata.py, here under the Triton interpreter); the metadata it hands the
+    layers is the torch path's, persistent buffers included."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    vllm_quantspec.register()
+    G, gamma = 16, 4
+    config = EngineArgs(model=embedded_model_path(), skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
+                        speculative_config={"method": "quantspec", "num_speculative_tokens": gamma,
+                                            "kv_group_size": G}).create_engine_config()
+    spec = HierarchicalKVSpec(block_size=G, num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.uint8, v_group=64)
+    monkeypatch.setattr(recent_buffer, "_RUNNER", lambda: SimpleNamespace(input_batch=SimpleNamespace(
+        req_ids=["a", "b", "c"])))
+    q_lens = [1, 1, 1] if is_draft_step else [1 + gamma, 1, 3]
+    ctxs = [47, 300, 33]  # in the verify batch, a's and c's steps flush a group (fp_keep = G = 16)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist() + [sum(q_lens)], dtype=torch.int32)  # + padding
+    seq_lens = torch.tensor([c + q for c, q in zip(ctxs, q_lens)] + [0], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
+        num_reqs=4, num_actual_tokens=sum(q_lens) + 2, max_query_len=max(q_lens), max_seq_len=int(seq_lens.max()),
+        block_table_tensor=(torch.arange(4 * 40, dtype=torch.int32) + 100).view(4, 40),
+        slot_mapping=torch.zeros(sum(q_lens) + 2, dtype=torch.int64))
+
+    def metadata(fused: bool) -> list:
+        b = HierarchicalKVMetadataBuilder(spec, ["layer"], config, torch.device("cpu"))
+        b._fused_decode_metadata = fused
+        md = b.build_for_drafting(cm, 0) if is_draft_step else b.build(0, cm)
+        return [x if x is None else x.tolist() for x in (md.ring_dst, md.flush_rows, md.flush_blocks)]
+
+    torch_path = metadata(False)
+    assert metadata(True) == torch_path
+    assert (torch_path[1] is None) == is_draft_step
+    assert is_draft_step or sum(blk >= 0 for blk in torch_path[2]) == 2

@@ -43,6 +43,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_quantspec import hierarchical_kv, reference_attention
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
+from vllm_quantspec.kernels.decode_metadata import decode_metadata
 from vllm_quantspec.kernels.prefill_attention import PrefillPlan, plan_prefill, prefill_attention
 from vllm_quantspec.options import KV_GROUP_SIZES
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig, recent_buffer
@@ -241,6 +242,8 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         # FA3 would compute a decode row of a mixed step otherwise than the paged kernel does in a decode
         # step: under VLLM_BATCH_INVARIANT every target row goes through the paged kernel (HierarchicalKVImpl)
         self._plan_fa3_prefill = device.type == "cuda" and not envs.VLLM_BATCH_INVARIANT
+        # about 50 small torch ops a step launched from the host become one kernel (kernels/decode_metadata.py)
+        self._fused_decode_metadata = device.type == "cuda"
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
         self._tokens = torch.arange(max_tokens, **i64)
@@ -264,7 +267,14 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         seq_lens = self._seq_lens[:n].copy_(cm.seq_lens[:n]) if is_draft_step else cm.seq_lens[:n]
         max_seq_len = self._max_model_len if is_draft_step else cm.max_seq_len
         qsl = cm.query_start_loc[: n + 1]
-        ring_dst = self._ring_destinations(qsl, seq_lens, slot, t)
+        # decode, verify and draft steps on a GPU: ring rows and flush list in one kernel (decode_metadata)
+        fused = self._fused_decode_metadata and cm.max_query_len <= cfg.gamma + 1 and t <= self._ring_dst.numel()
+        if fused:
+            flush = () if is_draft_step else (self._flush_rows, self._flush_blocks)
+            decode_metadata(qsl, seq_lens, cm.block_table_tensor[:n], slot, cfg, t, self._ring_dst, *flush)
+            ring_dst = self._ring_dst[:t]
+        else:
+            ring_dst = self._ring_destinations(qsl, seq_lens, slot, t)
         md = HierarchicalKVMetadata(
             num_reqs=n, num_actual_tokens=t, max_query_len=cm.max_query_len, max_seq_len=max_seq_len,
             query_start_loc=qsl, seq_lens=seq_lens, block_table=cm.block_table_tensor[:n],
@@ -274,7 +284,10 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
             fp_keep=cfg.fp_keep + (cfg.gamma if is_draft_step else 0),
         )
         if not is_draft_step:
-            if cm.max_query_len <= cfg.gamma + 1:
+            if fused:
+                m = n * cfg.decode_flush_groups
+                md.flush_rows, md.flush_blocks = self._flush_rows[:m], self._flush_blocks[:m]
+            elif cm.max_query_len <= cfg.gamma + 1:
                 md.flush_rows, md.flush_blocks = self._decode_flush(md)
             else:
                 self._prefill_flush(md, cm)
