@@ -32,8 +32,11 @@
 #   twelfth session: calls 1-3, the third with `tune` (GPU tests of the 2-warp target-only INT8 decode, then the sweep),
 #   `target-only` (438 s), .gpu/m1, .gpu/m2 + `tests` (221 s), `agreement` (synchronous, 218 s), then twice by hand
 #   the hierarchical engine at 1 x 32k / 128k (e2e-target-only-repeat*; the 4-warp A/B beside it failed: a bad sed)
-#   next: `target-only-twice` (is the slower first engine noise or a cause?); an end-to-end
-#   4-warp INT8 decode A/B would sit inside that engine-to-engine spread (0.35 ms), so the sweep stays its measure
+#   thirteenth session (two refused starts): calls 1-3, the third with `kernel-tests` and `kernel-times`; calls 1-3
+#   again, the third with `kernel-times bf16` under VLLM_USE_V2_MODEL_RUNNER=0 and `kernel-times fp8`; calls 1-3, the third
+#   with `kernel-times` under VLLM_USE_V2_MODEL_RUNNER=0 (hierarchical and bf16 on the same runner); after the fused
+#   decode metadata, calls 1-3, the third with `target-only-b1` (device time for no more)
+#   next: `batch1` (QuantSpec's draft steps build their metadata with one launch now, too), `target-only-twice`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -61,6 +64,7 @@
 #   b8           the hierarchical cache and fp8 KV at batch 8 x 128k (bf16 KV cannot hold 8 x 128k tokens)
 #   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
+#   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -122,7 +126,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -272,6 +276,16 @@ PY
                json.load(open('$RUNS/target-only/e2e-h200.json'))['rows']} != set())" &&
     python benchmarks/bench_kv_backend.py --ppl $R/ppl-h200.json --out "$OUT" --tag h200 \
       --from-e2e $RUNS/target-only/e2e-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json | tail -3
+    ;;
+  target-only-b1)
+    # issue 4's batch-1 rows at 32k and 128k in one run, for a session with little device time left (the thirteenth:
+    # the fused decode metadata), after the metadata kernel's GPU test
+    timeout 100 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_metadata.py 2>&1 | tail -2 \
+      | tee "$RUNS/pytest-metadata-h200.txt"
+    python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 --methods hierarchical,fp8,bf16 \
+      --accept-length 1 --n-out 64 --out "$OUT/target-only-b1" --resume --time-budget 230 2>&1 | grep -v '^{'
+    # (written to $OUT as it goes: what a call cut by the device's limit finished still comes back)
+    out "$RUNS/pytest-metadata-h200.txt"
     ;;
   target-only-twice)
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1
