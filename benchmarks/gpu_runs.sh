@@ -306,6 +306,7 @@ PY
     methods=${2:-hierarchical,bf16}; ctx=${3:-32768}
     for method in ${methods//,/ }; do
       timeout 190 python benchmarks/profile_step.py --method "$method" --ctx "$ctx" --steps 32 --kernels \
+        --trace "$OUT/kernel-trace-$method-$ctx-h200.json.gz" \
         --accept-length "$(accept_length)" --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{| )'
     done | tee -a "$RUNS/kernel-times-h200.txt"
     out "$RUNS/kernel-times-h200.txt"

@@ -11,7 +11,8 @@ sample_tokens minus the draft (rejection sampling and bookkeeping). The syncs co
 host and device work, so phase times add up to a bit more than the free-running ms/token printed
 first. --profile adds torch.profiler tables (host and device operations) over the same steps.
 --kernels: the device time of each kernel per generated token in decode alone: two generations under
-torch.profiler, 2 tokens and 2 + steps (the same prefill), differenced per kernel name.
+torch.profiler, 2 tokens and 2 + steps (the same prefill), differenced per kernel name; with the device's
+idle time and the host's launch calls per token (--trace FILE.json.gz: the device timeline too).
 """
 
 import argparse
@@ -59,6 +60,8 @@ def main() -> None:
                    help="quantspec (or draft_model) with async_scheduling True / False (default: vLLM's)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--kernels", action="store_true", help="per-kernel device time per decode token")
+    p.add_argument("--trace", help="with --kernels: write the device timeline of the decode window's generation "
+                                   "here (Chrome trace, .json.gz)")
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
@@ -116,7 +119,7 @@ def main() -> None:
                       "sample_tokens_minus_draft_ms": round((totals["sample_tokens"] - totals["propose"]) / steps * 1e3, 3)}),
           flush=True)
     if args.kernels:
-        print_kernel_times(llm, prompt, args.steps, args.method, args.ctx, ms)
+        print_kernel_times(llm, prompt, args.steps, args.method, args.ctx, ms, args.trace)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -127,22 +130,29 @@ def main() -> None:
         print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
-def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: float) -> None:
+def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: float, trace: str | None = None) -> None:
     """Device time per generated token by kernel name, decode only: a generation of 2 + steps tokens
     minus one of 2 (same prompt, same prefill), under torch.profiler (kernels replayed from CUDA
     graphs included: CUPTI records them one by one). Also per token: the device's idle time (gaps
-    in the union of all its activity) by the kernel that ends each gap, and the host's launch calls."""
+    in the union of all its activity) by the kernel that ends each gap, and the host's launch calls.
+    Kernels and gaps come from device-only profiling (host events would slow the host and widen the
+    gaps); the launch calls from a second pair of generations that records host events too. `trace`:
+    the device-only timeline of the longer generation as a Chrome trace (.json.gz)."""
+    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
     launches = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync")
 
-    def measure(n: int) -> dict[str, dict[str, float]]:
-        """us of each kernel, its count, the idle us before it, and the host's launch calls."""
+    def measure(n: int, host: bool, trace: str | None = None) -> dict[str, dict[str, float]]:
+        """us of each kernel, its count and the idle us before it; with host, the host's launch calls."""
         sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        device = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: dry runs
+        with profile(activities=list({device, *([ProfilerActivity.CPU] if host else [])})) as prof:
             llm.generate(prompt, sp, use_tqdm=False)
+        if trace:
+            prof.export_chrome_trace(trace)
         m = {key: defaultdict(float) for key in ("busy", "count", "idle", "calls")}
         end = None
         for e in sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start):
@@ -156,7 +166,9 @@ def print_kernel_times(llm, prompt, steps: int, method: str, ctx: int, ms_free: 
                 m["calls"][e.name] += 1
         return m
 
-    base, full = measure(2), measure(2 + steps)
+    base, full = measure(2, False), measure(2 + steps, False, trace)
+    host_base, host_full = measure(2, True), measure(2 + steps, True)
+    base["calls"], full["calls"] = host_base["calls"], host_full["calls"]
 
     def per_token(key: str) -> list[tuple[float, str]]:
         return sorted((((v - base[key].get(k, 0.0)) / steps, k) for k, v in full[key].items()), reverse=True)
