@@ -280,12 +280,12 @@ PY
   target-only-b1)
     # issue 4's batch-1 rows at 32k and 128k in one run, for a session with little device time left (the thirteenth:
     # the fused decode metadata), after the metadata kernel's GPU test
+    # (both written to $OUT as they go: what a call cut by the device's limit finished still comes back; the
+    # thirteenth session's run kept the test's output in $RUNS and lost it that way)
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_metadata.py 2>&1 | tail -2 \
-      | tee "$RUNS/pytest-metadata-h200.txt"
+      | tee "$OUT/pytest-metadata-h200.txt"
     python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 --methods hierarchical,fp8,bf16 \
       --accept-length 1 --n-out 64 --out "$OUT/target-only-b1" --resume --time-budget 230 2>&1 | grep -v '^{'
-    # (written to $OUT as it goes: what a call cut by the device's limit finished still comes back)
-    out "$RUNS/pytest-metadata-h200.txt"
     ;;
   target-only-twice)
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1

@@ -3,9 +3,11 @@
 Same results as ``vllm_quantspec.hierarchical_kv_backend.ring_destinations`` (the ring row of each
 new token) and ``decode_flush`` (the step's fixed-length flush list), its pure-torch twins, for steps
 whose queries are at most γ + 1 tokens long (decode, verify and draft steps). The metadata builder runs
-every step on the host, outside the CUDA graph it feeds; the torch twins take about 50 small kernel
-launches, and a free-running target-only step then ran 0.5 ms above its device time against bf16's
-0.1 ms (benchmarks/results/kernel-times-h200.txt: 62 launches per token against bf16's 13).
+every step on the host, outside the CUDA graph it feeds, where the torch twins take about 50 small
+kernel launches (benchmarks/results/kernel-times-h200-run3.txt: 62 launches per target-only token
+against bf16's 13). Under async scheduling a target-only engine hid them already: one launch instead
+changed its ms per token by nothing measurable (e2e-target-only-b1-h200). QuantSpec's draft steps,
+whose host work is not hidden, build their metadata here too; their gain is not measured yet.
 
 One program per request: its query tokens' ring rows and, with FLUSH, its K flush entries (the
 groups [Q(C - γ - 1), Q(seq_len - 1)), each with its G ring rows and page; -1: no group). One more

@@ -242,7 +242,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         # FA3 would compute a decode row of a mixed step otherwise than the paged kernel does in a decode
         # step: under VLLM_BATCH_INVARIANT every target row goes through the paged kernel (HierarchicalKVImpl)
         self._plan_fa3_prefill = device.type == "cuda" and not envs.VLLM_BATCH_INVARIANT
-        # about 50 small torch ops a step launched from the host become one kernel (kernels/decode_metadata.py)
+        # about 50 small torch ops a step launched from the host become one launch (kernels/decode_metadata.py)
         self._fused_decode_metadata = device.type == "cuda"
         self._slot_host: list[int] = []
         self._ring_dst = torch.zeros(max_tokens, **i64)
@@ -267,8 +267,9 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         seq_lens = self._seq_lens[:n].copy_(cm.seq_lens[:n]) if is_draft_step else cm.seq_lens[:n]
         max_seq_len = self._max_model_len if is_draft_step else cm.max_seq_len
         qsl = cm.query_start_loc[: n + 1]
-        # decode, verify and draft steps on a GPU: ring rows and flush list in one kernel (decode_metadata)
-        fused = self._fused_decode_metadata and cm.max_query_len <= cfg.gamma + 1 and t <= self._ring_dst.numel()
+        decode_step = cm.max_query_len <= cfg.gamma + 1  # decode, verify or draft step
+        # on a GPU its ring rows and flush list come from one kernel (decode_metadata)
+        fused = self._fused_decode_metadata and decode_step and t <= self._ring_dst.numel()
         if fused:
             flush = () if is_draft_step else (self._flush_rows, self._flush_blocks)
             decode_metadata(qsl, seq_lens, cm.block_table_tensor[:n], slot, cfg, t, self._ring_dst, *flush)
@@ -287,7 +288,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
             if fused:
                 m = n * cfg.decode_flush_groups
                 md.flush_rows, md.flush_blocks = self._flush_rows[:m], self._flush_blocks[:m]
-            elif cm.max_query_len <= cfg.gamma + 1:
+            elif decode_step:
                 md.flush_rows, md.flush_blocks = self._decode_flush(md)
             else:
                 self._prefill_flush(md, cm)
