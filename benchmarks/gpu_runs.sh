@@ -36,7 +36,10 @@
 #   again, the third with `kernel-times bf16` under VLLM_USE_V2_MODEL_RUNNER=0 and `kernel-times fp8`; calls 1-3, the third
 #   with `kernel-times` under VLLM_USE_V2_MODEL_RUNNER=0 (hierarchical and bf16 on the same runner); after the fused
 #   decode metadata, calls 1-3, the third with `target-only-b1` (device time for no more)
-#   next: `batch1` (QuantSpec's draft steps build their metadata with one launch now, too), `target-only-twice`
+#   fourteenth session: calls 1-3, the third with `kernel-times hierarchical,fp8,bf16` (traces: trace_gaps.py); calls 1-3
+#   again, the third with `kernel-tests` (39 passed, the metadata kernel's first on record), `batch1`, `target-only-b1`;
+#   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
+#   next: `runner-check`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -65,6 +68,7 @@
 #   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
 #   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
+#   runner-check  bench_e2e.py at batch 1: bf16 on the V1 model runner; the hierarchical cache and bf16 in-process at 33k
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -126,7 +130,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -286,6 +290,17 @@ PY
       | tee "$OUT/pytest-metadata-h200.txt"
     python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 --methods hierarchical,fp8,bf16 \
       --accept-length 1 --n-out 64 --out "$OUT/target-only-b1" --resume --time-budget 230 2>&1 | grep -v '^{'
+    ;;
+  runner-check)
+    # the fourteenth session's open question: on the device a hierarchical decode step costs what fp8 KV's does
+    # (kernel-trace-gaps-h200), yet bench_e2e's engines run it 0.5-0.6 ms per token slower at 1 x 32k, and
+    # profile_step's only 0.1. Suspects: the V1 model runner the plugin needs (bf16 and fp8 KV run on V2) and
+    # bench_e2e's engine (a core process of its own, max_model_len 131k). bf16 on V1 in bench_e2e's engine,
+    # then the hierarchical engine in-process and at max_model_len 33k (one point: 1 x 32k only)
+    VLLM_USE_V2_MODEL_RUNNER=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
+      --methods bf16 --accept-length 1 --n-out 64 --out "$OUT/bf16-v1" 2>&1 | grep -E '^\| bf16|done'
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
+      --methods hierarchical,bf16 --accept-length 1 --n-out 64 --out "$OUT/in-process-33k" 2>&1 | grep -E '^\| (hier|bf16)|done'
     ;;
   target-only-twice)
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1

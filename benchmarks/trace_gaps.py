@@ -1,0 +1,78 @@
+"""Where a decode step's device time goes on the timeline: inside the replayed CUDA graph or between graphs.
+
+Reads the Chrome traces that `profile_step.py --kernels --trace F.json.gz` writes. A graph's kernels carry the
+correlation id of the cudaGraphLaunch that replayed them, so each replay is found exactly. Per decode step
+(one replay to the next; the first and last replays of the trace are left out): the step's period, the
+graph's span, busy time and idle time inside it, and the device work and idle time between graphs, with
+the events that end the longest gaps there.
+
+The trace is recorded under the profiler, which slows the host: the idle time between graphs is larger
+than when the engine runs free. The graph's own numbers are device-side and hold free-running too.
+
+    python benchmarks/trace_gaps.py kernel-trace-hierarchical-32768-h200.json.gz [more traces]
+"""
+
+import argparse
+import gzip
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def steps(trace: dict) -> tuple[list[dict], dict[str, float]]:
+    """Per decode step: period, graph span / busy / idle, between-graph busy / idle (µs); and the
+    between-graph idle by the event that ends the gap, µs per step."""
+    events = trace["traceEvents"]
+    launches = {e["args"]["correlation"] for e in events
+                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENTS),
+                    key=lambda e: e["ts"])
+    replays = defaultdict(list)
+    for i, e in enumerate(device):
+        if e["args"].get("correlation") in launches:
+            replays[e["args"]["correlation"]].append(i)
+    order = sorted(replays.values(), key=lambda idx: device[idx[0]]["ts"])
+    rows, gaps_by_next = [], defaultdict(float)
+    for this, nxt in zip(order[1:-1], order[2:]):
+        graph = [device[i] for i in this]
+        span = graph[-1]["ts"] + graph[-1]["dur"] - graph[0]["ts"]
+        busy = sum(e["dur"] for e in graph)
+        between = device[this[-1]: nxt[0] + 1]  # last graph kernel, the work between, next graph's first
+        idle_between = 0.0
+        for a, b in zip(between, between[1:]):
+            gap = max(0.0, b["ts"] - (a["ts"] + a["dur"]))
+            idle_between += gap
+            gaps_by_next[b["name"][:70]] += gap
+        rows.append({"period": device[nxt[0]]["ts"] - graph[0]["ts"], "graph_kernels": len(graph),
+                     "graph_span": span, "graph_busy": busy, "graph_idle": span - busy,
+                     "between_busy": sum(e["dur"] for e in between[1:-1]), "between_idle": idle_between})
+    n = max(1, len(rows))
+    return rows, {k: v / n for k, v in gaps_by_next.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("traces", nargs="+")
+    args = ap.parse_args()
+    print(f"command: python {' '.join(sys.argv)}")
+    for path in args.traces:
+        trace = json.load(gzip.open(path))
+        device = trace.get("deviceProperties", [{}])[0].get("name", "unknown device")
+        print(f"{path}: {device}, CUDA runtime {trace.get('cuda_runtime_version')}, CUPTI {trace.get('cupti_version')}")
+        rows, gaps = steps(trace)
+        if not rows:
+            print("  fewer than three CUDA-graph replays")
+            continue
+        mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+        print(f"  {len(rows)} decode steps, µs per step (mean)")
+        print("  " + "  ".join(f"{k} {v:.0f}" for k, v in mean.items()))
+        print("  between graphs, idle by the event that ends the gap:")
+        for name, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"    {us:8.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
