@@ -68,7 +68,7 @@
 #   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
 #   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
-#   runner-check  bench_e2e.py at batch 1: bf16 on the V1 model runner; the hierarchical cache and bf16 in-process at 33k
+#   runner-check  bench_e2e.py at batch 1: bf16 on the V1 model runner; the hierarchical cache at max_model_len 33k, and in-process
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -293,14 +293,16 @@ PY
     ;;
   runner-check)
     # the fourteenth session's open question: on the device a hierarchical decode step costs what fp8 KV's does
-    # (kernel-trace-gaps-h200), yet bench_e2e's engines run it 0.5-0.6 ms per token slower at 1 x 32k, and
-    # profile_step's only 0.1. Suspects: the V1 model runner the plugin needs (bf16 and fp8 KV run on V2) and
-    # bench_e2e's engine (a core process of its own, max_model_len 131k). bf16 on V1 in bench_e2e's engine,
-    # then the hierarchical engine in-process and at max_model_len 33k (one point: 1 x 32k only)
+    # (kernel-trace-gaps-h200), yet bench_e2e's engines (engine core in its own process, max_model_len 131k, V1
+    # runner) run it 0.5-0.6 ms per token slower at 1 x 32k, while profile_step's (in-process, 33k, V1 too) runs
+    # it 0.1 ms slower. One factor at a time against e2e-repeat-points-h200: bf16 on the V1 runner in
+    # bench_e2e's engine; the hierarchical engine with its own process at 33k (one point); in-process at 131k
     VLLM_USE_V2_MODEL_RUNNER=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
       --methods bf16 --accept-length 1 --n-out 64 --out "$OUT/bf16-v1" 2>&1 | grep -E '^\| bf16|done'
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
-      --methods hierarchical,bf16 --accept-length 1 --n-out 64 --out "$OUT/in-process-33k" 2>&1 | grep -E '^\| (hier|bf16)|done'
+    python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
+      --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-33k" 2>&1 | grep -E '^\| hier|done'
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
+      --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-in-process" 2>&1 | grep -E '^\| hier|done'
     ;;
   target-only-twice)
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1
