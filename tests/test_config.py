@@ -147,22 +147,6 @@ def test_unsupported_engine_setting_refused(llama, engine_kwargs, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("spec,engine_kwargs", [({"method": "quantspec"}, {}), (None, {"attention_backend": "CUSTOM"})],
-                         ids=["quantspec", "backend-alone"])
-def test_forced_v2_model_runner_refused(llama, monkeypatch, spec, engine_kwargs):
-    """VLLM_USE_V2_MODEL_RUNNER=1 overrides vLLM's fallback to V1 (P9), where the ring-slot bookkeeping
-    (P6) lives: refused at startup, for QuantSpec and for the backend alone. Set to 0 it is accepted."""
-    from vllm import envs
-
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    envs.disable_envs_cache()
-    with pytest.raises(QuantSpecConfigError) as e:
-        build(llama, spec, **engine_kwargs)
-    assert "VLLM_USE_V2_MODEL_RUNNER=1" in str(e.value) and "\n" not in str(e.value)
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert not build(llama, spec, **engine_kwargs).use_v2_model_runner
-
-
 @pytest.mark.parametrize("asked,resolved", [(None, True), (True, True), (False, False)])
 def test_async_scheduling_is_on_unless_refused(llama, monkeypatch, asked, resolved):
     """quantspec runs under async scheduling by default, as vLLM's EAGLE and GPU ngram do (P10: vLLM

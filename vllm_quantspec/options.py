@@ -190,15 +190,6 @@ def check_engine_args(args: Any, options: QuantSpecOptions) -> None:
             f"block_size={args.block_size} must equal speculative_config['kv_group_size']="
             f"{options.kv_group_size} with method 'quantspec' (one KV page holds one key group)"
         )
-    from vllm import envs
-
-    if envs.VLLM_USE_V2_MODEL_RUNNER:
-        # vLLM honours the variable over its own list of V2 gaps (P9), and under V2 the ring-slot
-        # bookkeeping (P6) never runs: every sequence would share the spare ring, silently
-        raise QuantSpecConfigError(
-            "VLLM_USE_V2_MODEL_RUNNER=1 is not supported with the hierarchical KV cache (method 'quantspec' "
-            "or attention_backend CUSTOM): it runs on vLLM's V1 model runner only; unset it or set it to 0"
-        )
     backend = args.attention_backend or args.attention_config.backend
     backend = None if backend is None else getattr(backend, "name", str(backend)).upper()
     if backend not in (None, "CUSTOM"):

@@ -304,7 +304,8 @@ PATCHES: tuple[Patch, ...] = (
         attribute="_get_v2_model_runner_unsupported_features",
         wrap=_wrap_v2_unsupported,
         why="the backend's request bookkeeping (P6) and the proposer (P4) live in the V1 model runner; "
-        "vLLM then falls back to V1 with a warning, as for its own unsupported features",
+        "vLLM then falls back to V1 with a warning, as for its own unsupported features, and refuses "
+        "VLLM_USE_V2_MODEL_RUNNER=1 at startup, naming them (VllmConfig._validate_v2_model_runner)",
     ),
     Patch(
         name="P7 CpuPlatform.get_attn_backend_cls",
