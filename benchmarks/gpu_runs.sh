@@ -294,7 +294,7 @@ PY
   runner-check)
     # the fourteenth session's open question: on the device a hierarchical decode step costs what fp8 KV's does
     # (kernel-trace-gaps-h200), yet bench_e2e's engines (engine core in its own process, max_model_len 131k, V1
-    # runner) run it 0.5-0.6 ms per token slower at 1 x 32k, while profile_step's (in-process, 33k, V1 too) runs
+    # runner) run it 0.6-0.7 ms per token slower than fp8 KV at 1 x 32k, while profile_step's (in-process, 33k, V1 too) runs
     # it 0.1 ms slower. One factor at a time against e2e-repeat-points-h200: bf16 on the V1 runner in
     # bench_e2e's engine; the hierarchical engine with its own process at 33k (one point); in-process at 131k
     VLLM_USE_V2_MODEL_RUNNER=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
