@@ -39,7 +39,7 @@
 #   fourteenth session: calls 1-3, the third with `kernel-times hierarchical,fp8,bf16` (traces: trace_gaps.py); calls 1-3
 #   again, the third with `kernel-tests` (39 passed, the metadata kernel's first on record), `batch1`, `target-only-b1`;
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
-#   next: `runner-check`
+#   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -69,6 +69,8 @@
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
 #   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
 #   runner-check  bench_e2e.py at batch 1: bf16 on the V1 model runner; the hierarchical cache at max_model_len 33k, and in-process
+#   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
+#                and on V1, fp8 KV (V2), bf16 on V1
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
 #   real-gammas G  SmolLM2, bench_e2e.py's real part, 1k-8k, one run in two calls: G=4 bf16, fp8 KV, ngram and
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
@@ -83,11 +85,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source /tmp/stage/env.sh
 # An earlier call that the device's limit killed can leave engine processes holding the GPU (vLLM's engine
 # core is a process of its own); a step starts on an idle GPU.
-left_over=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
-if [ -n "$left_over" ]; then
-  echo "killing processes left on the GPU by an earlier call: $(echo $left_over)"
-  kill -9 $left_over 2>/dev/null; sleep 3
-fi
+free_gpu() {
+  local left_over
+  left_over=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
+  if [ -n "$left_over" ]; then
+    echo "killing processes left on the GPU by an earlier engine: $(echo $left_over)"
+    kill -9 $left_over 2>/dev/null; sleep 3
+  fi
+}
+free_gpu
 RUNS=/tmp/runs
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$RUNS" "$OUT"
@@ -130,7 +136,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -303,6 +309,20 @@ PY
       --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-33k" 2>&1 | grep -E '^\| hier|done'
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
       --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-in-process" 2>&1 | grep -E '^\| hier|done'
+    ;;
+  v2-check)
+    # runner-check's question answered by the runner itself: on branch v2-runner the hierarchical cache runs on
+    # vLLM's V2 model runner by default and on V1 under VLLM_USE_V2_MODEL_RUNNER=0 (main's runner), so one call
+    # compares the two engines, with fp8 KV (V2) and bf16 on V1 beside them; each row records its runner
+    # (an engine its timeout stops leaves its engine-core process on the GPU: free_gpu before the next)
+    for run in "hierarchical v2" "fp8 v2" "hierarchical v1" "bf16 v1"; do
+      set -- $run
+      runner=(); [ "$2" = v1 ] && runner=(VLLM_USE_V2_MODEL_RUNNER=0)
+      env "${runner[@]}" timeout 140 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
+        --methods "$1" --accept-length 1 --n-out 64 --out "$OUT/$1-$2" 2>&1 \
+        | grep -E '^\| (hier|fp8|bf16)|done|Error' | tail -6
+      free_gpu
+    done
     ;;
   target-only-twice)
     # the twelfth session's open question: its first hierarchical engine ran 0.19-0.35 ms per token slower at batch 1
