@@ -39,7 +39,7 @@
 #   fourteenth session: calls 1-3, the third with `kernel-times hierarchical,fp8,bf16` (traces: trace_gaps.py); calls 1-3
 #   again, the third with `kernel-tests` (39 passed, the metadata kernel's first on record), `batch1`, `target-only-b1`;
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
-#   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`
+#   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -68,7 +68,8 @@
 #   target-only  the hierarchical cache, bf16 and fp8 KV (target only) at batch 1 x 32k-128k and 8 x 32k / 64k, one
 #                run (twice if its budget stops it: it resumes), then kv-backend-h200 reassembled
 #   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
-#   runner-check  bench_e2e.py at batch 1: bf16 on the V1 model runner; the hierarchical cache at max_model_len 33k, and in-process
+#   runner-check  the hierarchical cache at batch 1 x 32k: profile_step.py's engine at max_model_len 131k (device timeline);
+#                bench_e2e.py's at max_model_len 33k, and in-process
 #   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
 #                and on V1, fp8 KV (V2), bf16 on V1
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
@@ -298,17 +299,23 @@ PY
       --accept-length 1 --n-out 64 --out "$OUT/target-only-b1" --resume --time-budget 230 2>&1 | grep -v '^{'
     ;;
   runner-check)
-    # the fourteenth session's open question: on the device a hierarchical decode step costs what fp8 KV's does
-    # (kernel-trace-gaps-h200), yet bench_e2e's engines (engine core in its own process, max_model_len 131k, V1
-    # runner) run it 0.6-0.7 ms per token slower than fp8 KV at 1 x 32k, while profile_step's (in-process, 33k, V1 too) runs
-    # it 0.1 ms slower. One factor at a time against e2e-repeat-points-h200: bf16 on the V1 runner in
-    # bench_e2e's engine; the hierarchical engine with its own process at 33k (one point); in-process at 131k
-    VLLM_USE_V2_MODEL_RUNNER=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
-      --methods bf16 --accept-length 1 --n-out 64 --out "$OUT/bf16-v1" 2>&1 | grep -E '^\| bf16|done'
+    # the fourteenth session's open question, with the model runner ruled out (v2-check: the hierarchical cache runs
+    # as slowly on V2 as on V1, bf16 on V1 as fast as on V2): on the device a hierarchical decode step costs what fp8
+    # KV's does (kernel-trace-gaps-h200, profile_step's engine: in-process, max_model_len 33k), yet bench_e2e's
+    # engines (engine core in its own process, max_model_len 131k) run it 0.6 ms per token slower than fp8 KV at
+    # 1 x 32k. One factor at a time: profile_step's engine at max_model_len 131k, with its device timeline;
+    # bench_e2e's in its own process at 33k (one point); in-process at 131k
+    timeout 200 python benchmarks/profile_step.py --method hierarchical --ctx 32768 --max-model-len 131136 --steps 32 \
+      --kernels --trace "$OUT/kernel-trace-hierarchical-32768-mml131k-h200.json.gz" 2>&1 \
+      | grep -E '^(device|command|\[|\{| )' | tee "$OUT/kernel-times-mml131k-h200.txt"
+    free_gpu
     python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
-      --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-33k" 2>&1 | grep -E '^\| hier|done'
+      --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/hierarchical-33k" 2>&1 | grep -E '^\| hier|done'
+    cp "$RUNS/hierarchical-33k/e2e-h200.json" "$OUT/hierarchical-33k.json"
+    free_gpu
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
-      --methods hierarchical --accept-length 1 --n-out 64 --out "$OUT/hierarchical-in-process" 2>&1 | grep -E '^\| hier|done'
+      --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/hierarchical-in-process" 2>&1 | grep -E '^\| hier|done'
+    cp "$RUNS/hierarchical-in-process/e2e-h200.json" "$OUT/hierarchical-in-process.json"
     ;;
   v2-check)
     # runner-check's question answered by the runner itself: on branch v2-runner the hierarchical cache runs on

@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--model", help="a real HF model directory instead of the 8B shape (CPU dry runs)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-model-len", type=int, help="the engine's (default ctx + 256; bench_e2e's engines take "
+                                                     "131072 for their 128k points)")
     args = p.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
     import torch
@@ -87,7 +89,7 @@ def main() -> None:
     synthetic = None if args.model else {"rejection_sample_method": "synthetic",
                                          "synthetic_acceptance_length": args.accept_length}
     llm = LLM(model=d, load_format="auto" if args.model else "dummy", skip_tokenizer_init=True, dtype=args.dtype,
-              max_model_len=args.ctx + 256, gpu_memory_utilization=0.88, enable_prefix_caching=False,
+              max_model_len=args.max_model_len or args.ctx + 256, gpu_memory_utilization=0.88, enable_prefix_caching=False,
               max_num_seqs=1, enforce_eager=args.enforce_eager,
               **method_kwargs(args.method, args.gamma, synthetic, dd, args.async_scheduling))
     vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
