@@ -193,6 +193,9 @@ def worker(args: argparse.Namespace) -> None:
               max_model_len=max_model_len, gpu_memory_utilization=0.88,
               enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points), disable_log_stats=False,
               **method_kwargs(args.worker, args.gamma, synthetic, dd, args.async_scheduling))
+    if args.trace_dir:  # vLLM's torch profiler in the worker: host and device, wherever the engine core runs
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": os.path.abspath(args.trace_dir),
+                                 "torch_profiler_with_stack": False, "ignore_frontend": True}
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # weights_gib's collective_rpc sends a function
     t0 = time.time()
     llm = LLM(**kw)
@@ -231,6 +234,15 @@ def worker(args: argparse.Namespace) -> None:
             **acceptance(spec_counts(llm) - before),
             "n_out": n, **memory, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
         }), flush=True)
+    if args.trace_dir:
+        # after the timed rows (the profiler slows the host): one traced generation at the first point
+        bs, ctx = points[0]
+        prompts = [{"prompt_token_ids": torch.randint(1000, 120000, (min(ctx, max_model_len - 128),),
+                                                      generator=g).tolist()} for _ in range(bs)]
+        llm.start_profile()
+        timed(llm, prompts, 32)
+        llm.stop_profile()
+        print(f"[bench_e2e] trace of {bs} x {ctx}, 32 tokens: {args.trace_dir}", file=sys.stderr, flush=True)
 
 
 PLAN_CHUNK = 8192  # the smallest prefill chunk vLLM picks for a large GPU (max_num_batched_tokens)
@@ -386,6 +398,8 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                    help=f"{' and '.join(ASYNC_METHODS)} engines with async_scheduling True / False (default: "
                    "vLLM's); rows say \"(async)\" where a speculative engine ran with it")
+    p.add_argument("--trace-dir", help="synthetic part: after each engine's rows, one generation of 32 tokens at the "
+                                       "first point under vLLM's torch profiler (host and device), its trace here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     QUANTSPEC_OPTIONS.update(json.loads(args.quantspec_options))

@@ -40,6 +40,7 @@
 #   again, the third with `kernel-tests` (39 passed, the metadata kernel's first on record), `batch1`, `target-only-b1`;
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
 #   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
+#   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -70,6 +71,8 @@
 #   target-only-b1  `target-only`'s batch-1 points at 32k and 128k (after the metadata kernel's GPU test)
 #   runner-check  the hierarchical cache at batch 1 x 32k: profile_step.py's engine at max_model_len 131k (device timeline);
 #                bench_e2e.py's at max_model_len 33k, and in-process
+#   engine-trace the hierarchical cache and bf16 (V1 runner) at 1 x 32k in bench_e2e.py's engine (its own process), then one
+#                generation under vLLM's torch profiler each: trace_gaps.py's host and device side of a decode step
 #   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
 #                and on V1, fp8 KV (V2), bf16 on V1
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
@@ -137,7 +140,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -305,7 +308,7 @@ PY
     # engines (engine core in its own process, max_model_len 131k) run it 0.6 ms per token slower than fp8 KV at
     # 1 x 32k. One factor at a time: profile_step's engine at max_model_len 131k, with its device timeline;
     # bench_e2e's in its own process at 33k (one point); in-process at 131k
-    timeout 200 python benchmarks/profile_step.py --method hierarchical --ctx 32768 --max-model-len 131136 --steps 32 \
+    timeout 200 python benchmarks/profile_step.py --method hierarchical --ctx 32768 --max-model-len 131072 --steps 32 \
       --kernels --trace "$OUT/kernel-trace-hierarchical-32768-mml131k-h200.json.gz" 2>&1 \
       | grep -E '^(device|command|\[|\{| )' | tee "$OUT/kernel-times-mml131k-h200.txt"
     free_gpu
@@ -316,6 +319,21 @@ PY
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 \
       --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/hierarchical-in-process" 2>&1 | grep -E '^\| hier|done'
     cp "$RUNS/hierarchical-in-process/e2e-h200.json" "$OUT/hierarchical-in-process.json"
+    ;;
+  engine-trace)
+    # runner-check's answer: the engine-core process costs the hierarchical cache 0.35 ms per token (bench_e2e
+    # in-process 5.85 against 6.20 ms at 1 x 32k) and not bf16 or fp8 KV. The host's side of a decode step in
+    # that process, under vLLM's torch profiler, for the hierarchical cache and bf16, both on the V1 runner
+    for run in "hierarchical" "bf16"; do
+      VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
+        --methods "$run" --accept-length 1 --n-out 64 --out "$RUNS/trace-$run" --trace-dir "$RUNS/trace-$run/torch" \
+        2>&1 | grep -E '^\| (hier|bf16)|done|Error'
+      free_gpu
+      trace=$(ls -S "$RUNS/trace-$run/torch"/*.json.gz | head -1)
+      cp "$trace" "$OUT/engine-trace-$run-32768-h200.json.gz"
+      cp "$RUNS/trace-$run/e2e-h200.json" "$OUT/engine-trace-$run.json"
+    done
+    python benchmarks/trace_gaps.py "$OUT"/engine-trace-*-h200.json.gz | tee "$OUT/engine-trace-gaps-h200.txt"
     ;;
   v2-check)
     # runner-check's question answered by the runner itself: on branch v2-runner the hierarchical cache runs on

@@ -9,6 +9,11 @@ the events that end the longest gaps there.
 The trace is recorded under the profiler, which slows the host: the idle time between graphs is larger
 than when the engine runs free. The graph's own numbers are device-side and hold free-running too.
 
+Traces with host events (`bench_e2e.py --trace-dir`: vLLM's torch profiler in the engine core) also get the
+host's side: per decode step (one cudaGraphLaunch call to the next), the host's period and its time in each
+runtime call, annotated region and op by name (inclusive, so nested events count in each), the largest first.
+A call that waits for the device (cudaStreamSynchronize, cudaEventSynchronize, a pageable copy) stands out.
+
     python benchmarks/trace_gaps.py kernel-trace-hierarchical-32768-h200.json.gz [more traces]
 """
 
@@ -53,6 +58,26 @@ def steps(trace: dict) -> tuple[list[dict], dict[str, float]]:
     return rows, {k: v / n for k, v in gaps_by_next.items()}
 
 
+HOST_EVENTS = ("cuda_runtime", "cuda_driver", "user_annotation", "cpu_op")
+
+
+def host_steps(trace: dict) -> tuple[int, float, dict[str, float]]:
+    """Decode steps seen by the host (cudaGraphLaunch to the next, the first and last left out), their mean
+    period (µs) and the µs per step of each host event name (inclusive)."""
+    events = trace["traceEvents"]
+    host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in HOST_EVENTS), key=lambda e: e["ts"])
+    launches = [e["ts"] for e in host if e["name"] == "cudaGraphLaunch"]
+    if len(launches) < 4:
+        return 0, 0.0, {}
+    lo, hi = launches[1], launches[-1]
+    by_name = defaultdict(float)
+    for e in host:
+        if lo <= e["ts"] < hi:
+            by_name[f"{e['cat']}: {e['name'][:60]}"] += e["dur"]
+    n = len(launches) - 2
+    return n, (hi - lo) / n, {k: v / n for k, v in by_name.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("traces", nargs="+")
@@ -72,6 +97,11 @@ def main() -> None:
         print("  between graphs, idle by the event that ends the gap:")
         for name, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:6]:
             print(f"    {us:8.1f}  {name}")
+        n, period, by_name = host_steps(trace)
+        if n:
+            print(f"  host: {n} decode steps, {period:.0f} µs per step (launch to launch); µs per step by event:")
+            for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:18]:
+                print(f"    {us:8.1f}  {name}")
 
 
 if __name__ == "__main__":
