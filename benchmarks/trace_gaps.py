@@ -58,6 +58,23 @@ def steps(trace: dict) -> tuple[list[dict], dict[str, float]]:
     return rows, {k: v / n for k, v in gaps_by_next.items()}
 
 
+def graph_kernels(trace: dict) -> list[tuple[float, str, str]]:
+    """The replayed graphs' kernels by µs per replay, each with its launch (grid, block, registers per thread,
+    shared memory): the same kernel compiled or launched otherwise shows here."""
+    events = trace["traceEvents"]
+    launches = {e["args"]["correlation"] for e in events
+                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    mine = [e for e in events if e.get("cat") == "kernel" and e["args"].get("correlation") in launches]
+    n = max(1, len({e["args"]["correlation"] for e in mine}))
+    us, launch = defaultdict(float), {}
+    for e in mine:
+        us[e["name"][:70]] += e["dur"] / n
+        a = e["args"]
+        launch[e["name"][:70]] = (f"grid {a.get('grid')} block {a.get('block')} regs {a.get('registers per thread')} "
+                                  f"smem {a.get('shared memory')}")
+    return sorted(((v, k, launch[k]) for k, v in us.items()), reverse=True)
+
+
 HOST_EVENTS = ("cuda_runtime", "cuda_driver", "user_annotation", "cpu_op")
 
 
@@ -94,6 +111,9 @@ def main() -> None:
         mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
         print(f"  {len(rows)} decode steps, µs per step (mean)")
         print("  " + "  ".join(f"{k} {v:.0f}" for k, v in mean.items()))
+        print("  the graph's kernels, µs per step (the longest):")
+        for us, name, launch in graph_kernels(trace)[:6]:
+            print(f"    {us:8.1f}  {name}  ({launch})")
         print("  between graphs, idle by the event that ends the gap:")
         for name, us in sorted(gaps.items(), key=lambda kv: -kv[1])[:6]:
             print(f"    {us:8.1f}  {name}")
