@@ -73,6 +73,7 @@
 #                bench_e2e.py's at max_model_len 33k, and in-process
 #   engine-trace the hierarchical cache and bf16 (V1 runner) at 1 x 32k in bench_e2e.py's engine (its own process), then one
 #                generation under vLLM's torch profiler each: trace_gaps.py's host and device side of a decode step
+#   slack-check  engine-trace's hierarchical engine with the attention's split count for 6 warps per SM, not 8
 #   engine-trace-in-process  engine-trace's hierarchical engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 #   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
 #                and on V1, fp8 KV (V2), bf16 on V1
@@ -141,7 +142,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | engine-trace-in-process | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | slack-check | engine-trace-in-process | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -335,6 +336,18 @@ PY
       cp "$RUNS/trace-$run/e2e-h200.json" "$OUT/engine-trace-$run.json"
     done
     python benchmarks/trace_gaps.py "$OUT"/engine-trace-*-h200.json.gz | tee "$OUT/engine-trace-gaps-h200.txt"
+    ;;
+  slack-check)
+    # engine-trace's finding: in the engine-core process the attention kernel's launches (66 x 8 programs of 2 warps
+    # and 255 registers: one full wave, 4 programs per SM) take 59 µs at 1 x 32k in most steps and 40 in the others
+    # and in profile_step's in-process engine. The same engine with 3 programs per SM (49 splits): one free slot
+    QUANTSPEC_ATTENTION_WARPS_PER_SM=6 VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 python benchmarks/bench_e2e.py \
+      --part synthetic --points 1x32768 --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/slack" \
+      --trace-dir "$RUNS/slack/torch" 2>&1 | grep -E '^\| hier|done|Error'
+    cp "$(ls -S "$RUNS/slack/torch"/*.json.gz | head -1)" "$OUT/engine-trace-hierarchical-6warps-32768-h200.json.gz"
+    cp "$RUNS/slack/e2e-h200.json" "$OUT/engine-trace-hierarchical-6warps.json"
+    python benchmarks/trace_gaps.py "$OUT/engine-trace-hierarchical-6warps-32768-h200.json.gz" | tee "$OUT/slack-check-h200.txt"
+    free_gpu
     ;;
   engine-trace-in-process)
     # engine-trace's answer: in the engine-core process the attention kernel takes 55 µs a layer at 1 x 32k, in
