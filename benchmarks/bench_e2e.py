@@ -113,6 +113,7 @@ def timed(llm, prompts: list[dict], n: int) -> float:
 
 
 _REQUEST_IDS = itertools.count()
+ENGINE_ENV = ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_BATCH_INVARIANT")
 
 
 class BatchNotFilled(RuntimeError):
@@ -427,7 +428,10 @@ def main() -> None:
     import vllm
 
     device = device_name()
-    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    # the engine settings the environment makes (model runner, engine core in-process, launch overrides) lead the
+    # command: the same flags run otherwise under them
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in ENGINE_ENV or k.startswith("QUANTSPEC_ATTENTION_")]
+    command = " ".join(env + [os.path.basename(sys.executable)] + sys.argv)
     print(f"device: {device}  vllm {vllm.__version__}  torch {torch.__version__}\ncommand: {command}", flush=True)
     methods = args.methods.split(",")
     if real:  # one engine per (method, γ): the plain ones first, then each γ's speculative ones
