@@ -60,18 +60,23 @@ def steps(trace: dict) -> tuple[list[dict], dict[str, float]]:
 
 def graph_kernels(trace: dict) -> list[tuple[float, str, str]]:
     """The replayed graphs' kernels by µs per replay, each with its launch (grid, block, registers per thread,
-    shared memory): the same kernel compiled or launched otherwise shows here."""
+    shared memory; the same kernel compiled or launched otherwise shows here) and the spread of its single
+    launches (µs: minimum, quartiles, maximum)."""
     events = trace["traceEvents"]
     launches = {e["args"]["correlation"] for e in events
                 if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
     mine = [e for e in events if e.get("cat") == "kernel" and e["args"].get("correlation") in launches]
     n = max(1, len({e["args"]["correlation"] for e in mine}))
-    us, launch = defaultdict(float), {}
+    us, launch, single = defaultdict(float), {}, defaultdict(list)
     for e in mine:
         us[e["name"][:70]] += e["dur"] / n
+        single[e["name"][:70]].append(e["dur"])
         a = e["args"]
         launch[e["name"][:70]] = (f"grid {a.get('grid')} block {a.get('block')} regs {a.get('registers per thread')} "
                                   f"smem {a.get('shared memory')}")
+    for k, durs in single.items():
+        q = statistics.quantiles(durs, n=4) if len(durs) > 1 else durs * 3
+        launch[k] += "; each " + " / ".join(f"{v:.1f}" for v in (min(durs), *q, max(durs)))
     return sorted(((v, k, launch[k]) for k, v in us.items()), reverse=True)
 
 
