@@ -40,7 +40,8 @@
 #   again, the third with `kernel-tests` (39 passed, the metadata kernel's first on record), `batch1`, `target-only-b1`;
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
 #   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
-#   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`
+#   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`; no device time left
+#   for the prepared next calls: `engine-trace-in-process` and `slack-check` in one call, then `batch1 in-process`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -82,8 +83,8 @@
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
-#   batch1 [lm-head]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
-#                (lm-head: the draft with an int4 lm_head)
+#   batch1 [lm-head | in-process]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
+#                (lm-head: the draft with an int4 lm_head; in-process: the engine core in-process)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -401,10 +402,13 @@ PY
     ;;
   batch1)
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;
-    # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200
-    options=$MARLIN; name=batch1
+    # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200;
+    # `batch1 in-process`: the engine core in-process (the fifteenth session found the attention kernel slower in
+    # its own process, target only), to e2e-batch1-in-process-h200
+    options=$MARLIN; name=batch1; engine=()
     [ "${2:-}" = lm-head ] && options='{"draft_linear_backend": "marlin", "quantize_lm_head": true}' && name=batch1-lm-head
-    python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
+    [ "${2:-}" = in-process ] && engine=(VLLM_ENABLE_V1_MULTIPROCESSING=0) && name=batch1-in-process
+    env "${engine[@]}" python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
     out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"
