@@ -99,17 +99,25 @@ def options_lines(rows: list[dict]) -> list[str]:
 
 
 def timed(llm, prompts: list[dict], n: int) -> float:
-    """Seconds to generate n tokens (greedy) for the prompts as one batch."""
-    import torch
+    """Seconds to generate n tokens (greedy) for the prompts as one batch. No device sync here: generate returns
+    the tokens only after the engine's device work made them, and a sync would give this process a CUDA
+    context of its own beside the engine core's (vLLM's front end keeps none; see --frontend-cuda-context)."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
     t = time.perf_counter()
     llm.generate(prompts, sp, use_tqdm=False)
-    sync()
     return time.perf_counter() - t
+
+
+def gpu_processes() -> int | None:
+    """Processes holding a CUDA context on the GPUs now (nvidia-smi), None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return len(out.split())
 
 
 _REQUEST_IDS = itertools.count()
@@ -201,6 +209,8 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
+    if args.frontend_cuda_context:  # as every run before the fifteenth session's end: its timed() synced the device
+        torch.cuda.synchronize()
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
     chunk = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
@@ -209,6 +219,7 @@ def worker(args: argparse.Namespace) -> None:
     # One warm-up per engine (CUDA graphs are captured at start-up; this compiles the rest), as long as a timed
     # generation: whatever first runs some steps into a generation has run before the clock starts.
     timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}], args.n_out)
+    memory["gpu_processes"] = gpu_processes()
     for bs, ctx in points:
         n = fill_tokens(bs, ctx, chunk, per_step, args.n_out)
         prompt_len = min(ctx, max_model_len - n - 64)
@@ -361,9 +372,14 @@ def real_worker(args: argparse.Namespace) -> None:
 
 
 def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """The GPU's name from nvidia-smi, so that this process, which outlives every engine it starts, holds no
+    CUDA context beside theirs; "cpu" without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return out[0].strip() if out else "cpu"
 
 
 def device_tag(device: str) -> str:
@@ -399,6 +415,9 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                    help=f"{' and '.join(ASYNC_METHODS)} engines with async_scheduling True / False (default: "
                    "vLLM's); rows say \"(async)\" where a speculative engine ran with it")
+    p.add_argument("--frontend-cuda-context", action="store_true",
+                   help="synthetic part: give the process that drives the engine a CUDA context of its own (a device "
+                        "sync), as every run did before the fifteenth session's end")
     p.add_argument("--trace-dir", help="synthetic part: after each engine's rows, one generation of 32 tokens at the "
                                        "first point under vLLM's torch profiler (host and device), its trace here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

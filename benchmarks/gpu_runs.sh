@@ -41,7 +41,7 @@
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
 #   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
 #   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`; no device time left
-#   for the prepared next calls: `engine-trace-in-process` and `slack-check` in one call, then `batch1 in-process`
+#   for the prepared next calls: `context-check`; `engine-trace-in-process` and `slack-check` in one call; `batch1 in-process`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -74,6 +74,8 @@
 #                bench_e2e.py's at max_model_len 33k, and in-process
 #   engine-trace the hierarchical cache and bf16 (V1 runner) at 1 x 32k in bench_e2e.py's engine (its own process), then one
 #                generation under vLLM's torch profiler each: trace_gaps.py's host and device side of a decode step
+#   context-check  the hierarchical cache (1 x 32k / 128k, engine core in its own process) with and without a second CUDA
+#                context on the GPU (bench_e2e.py --frontend-cuda-context), and fp8 KV
 #   slack-check  engine-trace's hierarchical engine with the attention's split count for 6 warps per SM, not 8
 #   engine-trace-in-process  engine-trace's hierarchical engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 #   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
@@ -143,7 +145,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | slack-check | engine-trace-in-process | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | slack-check | engine-trace-in-process | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -337,6 +339,21 @@ PY
       cp "$RUNS/trace-$run/e2e-h200.json" "$OUT/engine-trace-$run.json"
     done
     python benchmarks/trace_gaps.py "$OUT"/engine-trace-*-h200.json.gz | tee "$OUT/engine-trace-gaps-h200.txt"
+    ;;
+  context-check)
+    # engine-trace's slow attention launches happen only when the engine core runs in its own process, and every
+    # such run so far also had a second CUDA context on the GPU: bench_e2e's engine-driving process synced the
+    # device (its timed()). It no longer does (unless --frontend-cuda-context) and names the GPU through
+    # nvidia-smi. Each row records the processes holding a context (gpu_processes). The hierarchical cache with
+    # and without that second context, then fp8 KV, at batch 1 x 32k / 128k
+    for run in "hierarchical none" "hierarchical frontend" "fp8 none"; do
+      set -- $run
+      extra=(); [ "$2" = frontend ] && extra=(--frontend-cuda-context)
+      timeout 150 python benchmarks/bench_e2e.py --part synthetic --points 1x32768,1x131072 --methods "$1" \
+        --accept-length 1 --n-out 64 --out "$RUNS/context-$1-$2" "${extra[@]}" 2>&1 | grep -E '^\| (hier|fp8)|done|Error'
+      cp "$RUNS/context-$1-$2/e2e-h200.json" "$OUT/context-$1-$2.json"
+      free_gpu
+    done
     ;;
   slack-check)
     # engine-trace's finding: in the engine-core process the attention kernel's launches (66 x 8 programs of 2 warps
