@@ -443,6 +443,7 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
 
 
+@functools.cache
 def _warps_per_sm() -> int:
     """Warps per SM the split count aims at: 8 (QUANTSPEC_ATTENTION_WARPS_PER_SM overrides it, for
     benchmarks: at 8, a 2-warp launch of 255 registers fills every SM's register file in one wave)."""
