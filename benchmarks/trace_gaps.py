@@ -27,12 +27,17 @@ from collections import defaultdict
 DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def graph_launches(events: list[dict]) -> set:
+    """Correlation ids of the cudaGraphLaunch calls: a replayed graph's kernels carry their launch's."""
+    return {e["args"]["correlation"] for e in events
+            if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+
+
 def steps(trace: dict) -> tuple[list[dict], dict[str, float]]:
     """Per decode step: period, graph span / busy / idle, between-graph busy / idle (µs); and the
     between-graph idle by the event that ends the gap, µs per step."""
     events = trace["traceEvents"]
-    launches = {e["args"]["correlation"] for e in events
-                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    launches = graph_launches(events)
     device = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENTS),
                     key=lambda e: e["ts"])
     replays = defaultdict(list)
@@ -63,8 +68,7 @@ def graph_kernels(trace: dict) -> list[tuple[float, str, str]]:
     shared memory; the same kernel compiled or launched otherwise shows here) and the spread of its single
     launches (µs: minimum, quartiles, maximum)."""
     events = trace["traceEvents"]
-    launches = {e["args"]["correlation"] for e in events
-                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    launches = graph_launches(events)
     mine = [e for e in events if e.get("cat") == "kernel" and e["args"].get("correlation") in launches]
     n = max(1, len({e["args"]["correlation"] for e in mine}))
     us, launch, single = defaultdict(float), {}, defaultdict(list)
