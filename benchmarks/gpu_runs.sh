@@ -137,6 +137,20 @@ backend_tests() {
     tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
 }
 
+# traced NAME METHOD [VAR=VALUE...]: bench_e2e.py's engine of METHOD at 1 x 32k under that environment, then one
+# generation under vLLM's torch profiler (--trace-dir); its trace and JSON to $OUT as
+# engine-trace-NAME-32768-h200.json.gz and engine-trace-NAME.json
+traced() {
+  local name=$1 method=$2
+  shift 2
+  env "$@" timeout 200 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 --methods "$method" \
+    --accept-length 1 --n-out 64 --out "$RUNS/trace-$name" --trace-dir "$RUNS/trace-$name/torch" 2>&1 \
+    | grep -E '^\| (hier|bf16)|done|Error'
+  free_gpu
+  cp "$(ls -S "$RUNS/trace-$name/torch"/*.json.gz | head -1)" "$OUT/engine-trace-$name-32768-h200.json.gz"
+  cp "$RUNS/trace-$name/e2e-h200.json" "$OUT/engine-trace-$name.json"
+}
+
 MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
 # the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
 accept_length() { python -c "import json; print(json.load(open('benchmarks/results/e2e-baselines-h200.json'))['accept_length'])"; }
@@ -329,15 +343,7 @@ PY
     # runner-check's answer: the engine-core process costs the hierarchical cache 0.35 ms per token (bench_e2e
     # in-process 5.85 against 6.20 ms at 1 x 32k) and not bf16 or fp8 KV. The host's side of a decode step in
     # that process, under vLLM's torch profiler, for the hierarchical cache and bf16, both on the V1 runner
-    for run in "hierarchical" "bf16"; do
-      VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
-        --methods "$run" --accept-length 1 --n-out 64 --out "$RUNS/trace-$run" --trace-dir "$RUNS/trace-$run/torch" \
-        2>&1 | grep -E '^\| (hier|bf16)|done|Error'
-      free_gpu
-      trace=$(ls -S "$RUNS/trace-$run/torch"/*.json.gz | head -1)
-      cp "$trace" "$OUT/engine-trace-$run-32768-h200.json.gz"
-      cp "$RUNS/trace-$run/e2e-h200.json" "$OUT/engine-trace-$run.json"
-    done
+    for run in hierarchical bf16; do traced "$run" "$run" VLLM_USE_V2_MODEL_RUNNER=0; done
     python benchmarks/trace_gaps.py "$OUT"/engine-trace-*-h200.json.gz | tee "$OUT/engine-trace-gaps-h200.txt"
     ;;
   context-check)
@@ -359,23 +365,14 @@ PY
     # engine-trace's finding: in the engine-core process the attention kernel's launches (66 x 8 programs of 2 warps
     # and 255 registers: one full wave, 4 programs per SM) take 59 µs at 1 x 32k in most steps and 40 in the others
     # and in profile_step's in-process engine. The same engine with 3 programs per SM (49 splits): one free slot
-    QUANTSPEC_ATTENTION_WARPS_PER_SM=6 VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 python benchmarks/bench_e2e.py \
-      --part synthetic --points 1x32768 --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/slack" \
-      --trace-dir "$RUNS/slack/torch" 2>&1 | grep -E '^\| hier|done|Error'
-    cp "$(ls -S "$RUNS/slack/torch"/*.json.gz | head -1)" "$OUT/engine-trace-hierarchical-6warps-32768-h200.json.gz"
-    cp "$RUNS/slack/e2e-h200.json" "$OUT/engine-trace-hierarchical-6warps.json"
+    traced hierarchical-6warps hierarchical QUANTSPEC_ATTENTION_WARPS_PER_SM=6 VLLM_USE_V2_MODEL_RUNNER=0
     python benchmarks/trace_gaps.py "$OUT/engine-trace-hierarchical-6warps-32768-h200.json.gz" | tee "$OUT/slack-check-h200.txt"
-    free_gpu
     ;;
   engine-trace-in-process)
     # engine-trace's answer: in the engine-core process the attention kernel takes 55 µs a layer at 1 x 32k, in
     # profile_step's in-process engine 38 (kernel-times-h200-run4), at the same grid; FA3 and cuBLAS the same in
     # both. The same bench_e2e engine in-process, traced, for the kernel's launch and time there
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 200 python benchmarks/bench_e2e.py --part synthetic --points 1x32768 \
-      --methods hierarchical --accept-length 1 --n-out 64 --out "$RUNS/trace-in-process" \
-      --trace-dir "$RUNS/trace-in-process/torch" 2>&1 | grep -E '^\| hier|done|Error'
-    cp "$(ls -S "$RUNS/trace-in-process/torch"/*.json.gz | head -1)" "$OUT/engine-trace-hierarchical-in-process-32768-h200.json.gz"
-    cp "$RUNS/trace-in-process/e2e-h200.json" "$OUT/engine-trace-hierarchical-in-process.json"
+    traced hierarchical-in-process hierarchical VLLM_ENABLE_V1_MULTIPROCESSING=0
     python benchmarks/trace_gaps.py "$OUT/engine-trace-hierarchical-in-process-32768-h200.json.gz" \
       | tee "$OUT/engine-trace-gaps-in-process-h200.txt"
     ;;
