@@ -110,14 +110,21 @@ def timed(llm, prompts: list[dict], n: int) -> float:
     return time.perf_counter() - t
 
 
-def gpu_processes() -> int | None:
-    """Processes holding a CUDA context on the GPUs now (nvidia-smi), None without nvidia-smi."""
+def nvidia_smi(query: str) -> list[str] | None:
+    """nvidia-smi's CSV lines for a query (e.g. "--query-gpu=name"), None without nvidia-smi. It asks the
+    driver, so the asking process gets no CUDA context."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return len(out.split())
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_processes() -> int | None:
+    """Processes holding a CUDA context on the GPUs now, None without nvidia-smi."""
+    pids = nvidia_smi("--query-compute-apps=pid")
+    return None if pids is None else len(pids)
 
 
 _REQUEST_IDS = itertools.count()
@@ -374,12 +381,8 @@ def real_worker(args: argparse.Namespace) -> None:
 def device_name() -> str:
     """The GPU's name from nvidia-smi, so that this process, which outlives every engine it starts, holds no
     CUDA context beside theirs; "cpu" without a GPU."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        out = []
-    return out[0].strip() if out else "cpu"
+    names = nvidia_smi("--query-gpu=name")
+    return names[0] if names else "cpu"
 
 
 def device_tag(device: str) -> str:
