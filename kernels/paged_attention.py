@@ -447,7 +447,10 @@ def _num_sms() -> int:
 def _warps_per_sm() -> int:
     """Warps per SM the split count aims at: 8 (QUANTSPEC_ATTENTION_WARPS_PER_SM overrides it, for
     benchmarks: at 8, a 2-warp launch of 255 registers fills every SM's register file in one wave)."""
-    return int(os.environ.get("QUANTSPEC_ATTENTION_WARPS_PER_SM", "8"))
+    value = os.environ.get("QUANTSPEC_ATTENTION_WARPS_PER_SM", "8")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"QUANTSPEC_ATTENTION_WARPS_PER_SM must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _pick_num_splits(num_programs: int, max_units: int, num_warps: int) -> int:
