@@ -41,7 +41,8 @@
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
 #   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
 #   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`; no device time left
-#   for the prepared next calls: `context-check`; `engine-trace-in-process` and `slack-check` in one call; `batch1 in-process`
+#   sixteenth session (three refused starts): calls 1-3, the third with `context-check` (the second CUDA context was the
+#   slowdown), `batch1`, `target-only-b1` and `kernel-tests` in one call (device time spent)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -76,8 +77,6 @@
 #                generation under vLLM's torch profiler each: trace_gaps.py's host and device side of a decode step
 #   context-check  the hierarchical cache (1 x 32k / 128k, engine core in its own process) with and without a second CUDA
 #                context on the GPU (bench_e2e.py --frontend-cuda-context), and fp8 KV
-#   slack-check  engine-trace's hierarchical engine with the attention's split count for 6 warps per SM, not 8
-#   engine-trace-in-process  engine-trace's hierarchical engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 #   v2-check     (branch v2-runner) bench_e2e.py at batch 1 x 32k / 128k: the hierarchical cache on the V2 model runner
 #                and on V1, fp8 KV (V2), bf16 on V1
 #   target-only-twice  the hierarchical engine of `target-only` twice in one call (engine-to-engine spread)
@@ -85,8 +84,8 @@
 #                QuantSpec at γ=4; G=2,8 QuantSpec at γ 2 and 8
 #   part-b M     issue 5's synthetic part in one run (a call per engine group M): QuantSpec (γ=4, vLLM's default
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
-#   batch1 [lm-head | in-process]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
-#                (lm-head: the draft with an int4 lm_head; in-process: the engine core in-process)
+#   batch1 [lm-head]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
+#                (lm-head: the draft with an int4 lm_head)
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -159,7 +158,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | slack-check | engine-trace-in-process | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -361,21 +360,6 @@ PY
       free_gpu
     done
     ;;
-  slack-check)
-    # engine-trace's finding: in the engine-core process the attention kernel's launches (66 x 8 programs of 2 warps
-    # and 255 registers: one full wave, 4 programs per SM) take 59 µs at 1 x 32k in most steps and 40 in the others
-    # and in profile_step's in-process engine. The same engine with 3 programs per SM (49 splits): one free slot
-    traced hierarchical-6warps hierarchical QUANTSPEC_ATTENTION_WARPS_PER_SM=6 VLLM_USE_V2_MODEL_RUNNER=0
-    python benchmarks/trace_gaps.py "$OUT/engine-trace-hierarchical-6warps-32768-h200.json.gz" | tee "$OUT/slack-check-h200.txt"
-    ;;
-  engine-trace-in-process)
-    # engine-trace's answer: in the engine-core process the attention kernel takes 55 µs a layer at 1 x 32k, in
-    # profile_step's in-process engine 38 (kernel-times-h200-run4), at the same grid; FA3 and cuBLAS the same in
-    # both. The same bench_e2e engine in-process, traced, for the kernel's launch and time there
-    traced hierarchical-in-process hierarchical VLLM_ENABLE_V1_MULTIPROCESSING=0
-    python benchmarks/trace_gaps.py "$OUT/engine-trace-hierarchical-in-process-32768-h200.json.gz" \
-      | tee "$OUT/engine-trace-gaps-in-process-h200.txt"
-    ;;
   v2-check)
     # runner-check's question answered by the runner itself: on branch v2-runner the hierarchical cache runs on
     # vLLM's V2 model runner by default and on V1 under VLLM_USE_V2_MODEL_RUNNER=0 (main's runner), so one call
@@ -416,13 +400,10 @@ PY
     ;;
   batch1)
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;
-    # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200;
-    # `batch1 in-process`: the engine core in-process (the fifteenth session found the attention kernel slower in
-    # its own process, target only), to e2e-batch1-in-process-h200
-    options=$MARLIN; name=batch1; engine=()
+    # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200
+    options=$MARLIN; name=batch1
     [ "${2:-}" = lm-head ] && options='{"draft_linear_backend": "marlin", "quantize_lm_head": true}' && name=batch1-lm-head
-    [ "${2:-}" = in-process ] && engine=(VLLM_ENABLE_V1_MULTIPROCESSING=0) && name=batch1-in-process
-    env "${engine[@]}" python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
+    python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
     out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"

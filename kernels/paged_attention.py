@@ -443,22 +443,12 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 8
 
 
-@functools.cache
-def _warps_per_sm() -> int:
-    """Warps per SM the split count aims at: 8 (QUANTSPEC_ATTENTION_WARPS_PER_SM overrides it, for
-    benchmarks: at 8, a 2-warp launch of 255 registers fills every SM's register file in one wave)."""
-    value = os.environ.get("QUANTSPEC_ATTENTION_WARPS_PER_SM", "8")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"QUANTSPEC_ATTENTION_WARPS_PER_SM must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _pick_num_splits(num_programs: int, max_units: int, num_warps: int) -> int:
     """Enough programs to fill the GPU (8 warps per SM, at least 2 programs), down to one page tile
     each. Measured on an H200 (tune_attention.py, tune-attention-h200): 2 programs of 4 warps or 4 of
     2 warps per SM is best or within a few percent for draft steps and verifies at 4k-128k, batch
     1-16; more splits only add partials to merge."""
-    want = max(1, max(2, _warps_per_sm() // num_warps) * _num_sms() // max(1, num_programs))
+    want = max(1, max(2, 8 // num_warps) * _num_sms() // max(1, num_programs))
     return max(1, min(want, max_units, 256))
 
 

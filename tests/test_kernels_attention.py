@@ -30,7 +30,6 @@ from vllm_quantspec.kernels.paged_attention import (  # noqa: E402
     Tiles,
     _num_sms,
     _pick_num_splits,
-    _warps_per_sm,
     paged_attention,
 )
 from vllm_quantspec.kernels.prefill_attention import (  # noqa: E402
@@ -335,28 +334,6 @@ def test_launch_heuristic():
     assert _pick_num_splits(8, 1024, 8) == 2 * sms // 8  # prefill's 8 warps: still 2 programs per SM
     assert _pick_num_splits(8, 3, 2) == 3
     assert _pick_num_splits(100 * sms, 1024, 4) == 1
-
-
-@pytest.mark.parametrize("value", ["", "six", "0", "-4", "6.5"])
-def test_warps_per_sm_override_refuses_bad_values(monkeypatch, value):
-    """QUANTSPEC_ATTENTION_WARPS_PER_SM (benchmarks) takes positive integers only, with a one-line reason."""
-    monkeypatch.setenv("QUANTSPEC_ATTENTION_WARPS_PER_SM", value)
-    _warps_per_sm.cache_clear()
-    try:
-        with pytest.raises(ValueError, match="QUANTSPEC_ATTENTION_WARPS_PER_SM must be a positive integer"):
-            _pick_num_splits(8, 1024, 2)
-    finally:
-        _warps_per_sm.cache_clear()
-
-
-def test_warps_per_sm_override_sets_the_split_count(monkeypatch):
-    """6 warps per SM: 3 programs of 2 warps per SM instead of 4 (gpu_runs.sh slack-check)."""
-    monkeypatch.setenv("QUANTSPEC_ATTENTION_WARPS_PER_SM", "6")
-    _warps_per_sm.cache_clear()
-    try:
-        assert _pick_num_splits(8, 1024, 2) == 3 * _num_sms() // 8
-    finally:
-        _warps_per_sm.cache_clear()
 
 
 def test_plan_runs_boundaries():
