@@ -41,7 +41,7 @@
 #   calls 1-3 again, the third the hierarchical engine by hand with each batch-1 point repeated (e2e-repeat-points-h200)
 #   fifteenth session: calls 1-3 on branch v2-runner, the third with `v2-check`; calls 1-3, the third with `runner-check`
 #   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`; no device time left
-#   sixteenth session (three refused starts): calls 1-3, the third with `context-check` (the second CUDA context was the
+#   sixteenth session (three refused calls): calls 1-3, the third with `context-check` (the second CUDA context was the
 #   slowdown), `batch1`, `target-only-b1` and `kernel-tests` in one call (device time spent)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
