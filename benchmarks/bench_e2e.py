@@ -450,9 +450,9 @@ def main() -> None:
     import vllm
 
     device = device_name()
-    # the engine settings the environment makes (model runner, engine core in-process, launch overrides) lead the
+    # the engine settings the environment makes (model runner, engine core in-process, batch invariance) lead the
     # command: the same flags run otherwise under them
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in ENGINE_ENV or k.startswith("QUANTSPEC_ATTENTION_")]
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in ENGINE_ENV]
     command = " ".join(env + [os.path.basename(sys.executable)] + sys.argv)
     print(f"device: {device}  vllm {vllm.__version__}  torch {torch.__version__}\ncommand: {command}", flush=True)
     methods = args.methods.split(",")

@@ -73,11 +73,11 @@ def graph_kernels(trace: dict) -> list[tuple[float, str, str]]:
     n = max(1, len({e["args"]["correlation"] for e in mine}))
     us, launch, single = defaultdict(float), {}, defaultdict(list)
     for e in mine:
-        us[e["name"][:70]] += e["dur"] / n
-        single[e["name"][:70]].append(e["dur"])
-        a = e["args"]
-        launch[e["name"][:70]] = (f"grid {a.get('grid')} block {a.get('block')} regs {a.get('registers per thread')} "
-                                  f"smem {a.get('shared memory')}")
+        name, a = e["name"][:70], e["args"]
+        us[name] += e["dur"] / n
+        single[name].append(e["dur"])
+        launch[name] = (f"grid {a.get('grid')} block {a.get('block')} regs {a.get('registers per thread')} "
+                        f"smem {a.get('shared memory')}")
     for k, durs in single.items():
         q = statistics.quantiles(durs, n=4) if len(durs) > 1 else durs * 3
         launch[k] += "; each " + " / ".join(f"{v:.1f}" for v in (min(durs), *q, max(durs)))
