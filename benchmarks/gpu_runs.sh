@@ -43,6 +43,8 @@
 #   (profile_step's engine refused --max-model-len 131136: vLLM caps it at 131072), `engine-trace`; no device time left
 #   sixteenth session (three refused calls): calls 1-3, the third with `context-check` (the second CUDA context was the
 #   slowdown), `batch1`, `target-only-b1` and `kernel-tests` in one call (device time spent)
+#   seventeenth session: calls 1-3, the third with `target-only`; `tests` (before .gpu/m1, m2: its backend part found no
+#   model), `part-b quantspec`, `part-b bf16,fp8` (cut by the call's limit during fp8); device time spent
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -131,7 +133,7 @@ kernel_tests() {
 }
 # the backend's bf16 engine suite on the staged SmolLM2 (benchmarks/gpu_model.sh stage)
 backend_tests() {
-  bash benchmarks/gpu_model.sh stage >/dev/null
+  bash benchmarks/gpu_model.sh stage >/dev/null || return 1
   QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
     tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
 }
@@ -237,6 +239,8 @@ PY
     out_renamed "$RUNS"/gamma/e2e-h200 "e2e-gamma-h200"
     ;;
   tests)
+    # SmolLM2 staged first: the seventeenth session's call ran the kernels' tests, then found it missing
+    bash benchmarks/gpu_model.sh stage >/dev/null || exit 1
     # the invariance test compiles the real kernel: its tile layouts are what could break invariance
     # (-m: pyproject's addopts deselect gpu tests, which the sixth session's run of this step lost)
     python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_attention.py \
@@ -304,10 +308,11 @@ PY
       --time-budget 400 2>&1 | grep -v '^{'
     out_renamed "$RUNS"/target-only/e2e-h200 "e2e-target-only-h200"
     R=benchmarks/results
+    # (from the renamed copy: the rows' run column names the file they are committed as, not e2e-h200.json)
     python -c "import json, sys; sys.exit({'bf16', 'fp8', 'hierarchical'} - {r['method'] for r in
-               json.load(open('$RUNS/target-only/e2e-h200.json'))['rows']} != set())" &&
+               json.load(open('$OUT/e2e-target-only-h200.json'))['rows']} != set())" &&
     python benchmarks/bench_kv_backend.py --ppl $R/ppl-h200.json --out "$OUT" --tag h200 \
-      --from-e2e $RUNS/target-only/e2e-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json | tail -3
+      --from-e2e $OUT/e2e-target-only-h200.json,$R/e2e-b8-128k-h200.json,$R/e2e-h200.json | tail -3
     ;;
   target-only-b1)
     # issue 4's batch-1 rows at 32k and 128k in one run, for a session with little device time left (the thirteenth:
