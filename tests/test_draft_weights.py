@@ -20,8 +20,10 @@ def _weights(kind: str, n: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     if kind == "normal":
         return torch.randn(n, k, generator=g) * 0.05
-    # heavy tails plus a few outlier input channels, as in real LLM weights
-    w = torch.distributions.StudentT(2.0).sample((n, k)) * 0.02
+    # heavy tails plus a few outlier input channels, as in real LLM weights. Student's t with 2 degrees
+    # of freedom drawn from g (z / sqrt(chi2_2 / 2), chi2_2 = -2 ln U): torch.distributions would draw
+    # from the global generator and give every run other weights
+    w = torch.randn(n, k, generator=g) / torch.rand(n, k, generator=g).log().neg().sqrt() * 0.02
     w[:, torch.randperm(k, generator=g)[:3]] *= 50
     return w
 
@@ -115,11 +117,15 @@ def test_vllm_cpu_w4a16_kernel_matches_dequantized(act_dtype, n, k, group_size, 
     y = head.apply(None, x)
     w = dequantize(w4)
     ref = x.float() @ w.T
-    # the kernel may round the dequantized weight and its output to act_dtype: a few ulps of
-    # the magnitude sum |x| @ |W|^T (a wrong nibble order or scale layout errs by O(100%))
+    # vLLM's cpu_gemm_wna16 rounds more than an fp32 accumulation of the act_dtype weights would: in
+    # 240 random draws of these shapes it erred by up to 6.6 eps of the magnitude sum |x| @ |W|^T per
+    # element (6.7 eps from that fp32 accumulation) and 1.2 eps in relative Frobenius norm. A wrong
+    # nibble order or scale layout errs by O(100%) of |y| (reversed nibbles: at least 128 eps in
+    # Frobenius norm), far outside either bound.
     mag = x.float().abs() @ w.abs().T
     eps = torch.finfo(act_dtype).eps
-    assert ((y.float() - ref).abs() <= 4 * eps * mag + 1e-6).all()
+    assert ((y.float() - ref).abs() <= 16 * eps * mag + 1e-6).all()
+    assert (y.float() - ref).norm() <= 4 * eps * ref.norm()
 
 
 def test_fp32_int4_method_is_the_dequantized_twin():
