@@ -131,9 +131,11 @@ kernel_tests() {
     tests/test_kernels_metadata.py \
     2>&1 | tail -15 | tee "$RUNS/pytest-kernels-h200.txt"
 }
-# the backend's bf16 engine suite on the staged SmolLM2 (benchmarks/gpu_model.sh stage)
+# SmolLM2 to $MODEL (benchmarks/gpu_model.sh stage; after .gpu/m1 and .gpu/m2), or stop the step: whatever
+# follows needs it (the seventeenth session's `tests` ran its kernel tests first and only then found it missing)
+stage_model() { bash benchmarks/gpu_model.sh stage >/dev/null || exit 1; }
+# the backend's bf16 engine suite on the staged SmolLM2 (stage_model first)
 backend_tests() {
-  bash benchmarks/gpu_model.sh stage >/dev/null || return 1
   QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
     tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
 }
@@ -171,6 +173,7 @@ case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases
     out "$RUNS"/e2e-h200.*
     ;;
   real)
+    stage_model
     backend_tests
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --methods bf16,ngram,quantspec --gammas 4 \
       --ctxs 1024,4096,8192 --out "$RUNS" --resume 2>&1 | grep -v '^{' | tail -30
@@ -180,7 +183,7 @@ case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases
     # issue 5's real grid on SmolLM2 (its context ends at 8k) in one run, two calls (a SmolLM2 engine takes about
     # 70 s): `real-gammas 4` runs bf16, fp8 KV, ngram and QuantSpec at γ=4, `real-gammas 2,8` QuantSpec at γ 2 and 8
     # (the second call lists γ=4 and the baselines again: --resume skips the engines the first one finished)
-    bash benchmarks/gpu_model.sh stage >/dev/null
+    stage_model
     gammas=4
     [ "${2:?real-gammas 4 | 2,8}" = 4 ] || gammas="4,$2"
     python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --out "$RUNS/real-gammas" \
@@ -239,8 +242,7 @@ PY
     out_renamed "$RUNS"/gamma/e2e-h200 "e2e-gamma-h200"
     ;;
   tests)
-    # SmolLM2 staged first: the seventeenth session's call ran the kernels' tests, then found it missing
-    bash benchmarks/gpu_model.sh stage >/dev/null || exit 1
+    stage_model
     # the invariance test compiles the real kernel: its tile layouts are what could break invariance
     # (-m: pyproject's addopts deselect gpu tests, which the sixth session's run of this step lost)
     python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_attention.py \
@@ -252,7 +254,7 @@ PY
     ;;
   agreement|agreement-async)
     # about 280 s each (seventh session): one mode a call
-    bash benchmarks/gpu_model.sh stage >/dev/null
+    stage_model
     mode=(--batch-invariant --no-async-scheduling)
     [ "$1" = agreement-async ] && mode=(--batch-invariant --async-scheduling)
     timeout 500 python benchmarks/agreement.py --model "$MODEL" --prompts 32 --tokens 128 --out "$RUNS" "${mode[@]}" \
