@@ -98,6 +98,20 @@ def options_lines(rows: list[dict]) -> list[str]:
             for x in ("", f"QuantSpec options: `{o}`.")]
 
 
+def resumed_lines(result: dict) -> list[str]:
+    """The runs --resume kept rows of, and, when the rows come from more than one GPU, which methods ran on
+    which: a device machine lent by the call may be a fresh one, and machines of one kind differ by a few
+    percent, so rows of two machines are not one run's comparison."""
+    lines = [x for c in result.get("resumed", []) for x in ("", f"Rows of engines run earlier, kept by --resume: `{c}`.")]
+    gpus = {}
+    for r in result["rows"]:
+        gpus.setdefault(r.get("gpu_uuid") or "a GPU not recorded", {})[r["method"]] = None
+    if len(gpus) > 1:
+        lines += ["", "**Rows from more than one GPU:** " + "; ".join(
+            f"{', '.join(methods)} on {gpu}" for gpu, methods in gpus.items()) + "."]
+    return lines + (["", result["note"]] if "note" in result else [])
+
+
 def timed(llm, prompts: list[dict], n: int) -> float:
     """Seconds to generate n tokens (greedy) for the prompts as one batch. No device sync here: generate returns
     the tokens only after the engine's device work made them, and a sync would give this process a CUDA
@@ -119,6 +133,12 @@ def nvidia_smi(query: str) -> list[str] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_uuid() -> str | None:
+    """The GPU's UUID (which machine a row ran on), None without nvidia-smi."""
+    uuids = nvidia_smi("--query-gpu=uuid")
+    return uuids[0] if uuids else None
 
 
 def gpu_processes() -> int | None:
@@ -449,7 +469,7 @@ def main() -> None:
     import torch
     import vllm
 
-    device = device_name()
+    device, uuid = device_name(), gpu_uuid()
     # the engine settings the environment makes (model runner, engine core in-process, batch invariance) lead the
     # command: the same flags run otherwise under them
     env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k in ENGINE_ENV]
@@ -495,6 +515,8 @@ def main() -> None:
             print(f"[bench_e2e] {label} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
             got.append({"method": method, "gamma": gamma, "failed": proc.stderr[-500:]})
         for row in got:
+            if uuid:
+                row["gpu_uuid"] = uuid
             print(json.dumps(row), flush=True)
         result["rows"] += got
         # after every engine: a run cut short keeps what it measured
@@ -511,8 +533,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
              + (f"length {result['accept_length']} ({result['accept_source']})." if "accept_length" in result else
                 "length " + "; ".join(f"{result['accept_lengths'][g]} at γ={g} ({result['accept_sources'][g]})"
                                       for g in result["accept_lengths"]) + "."),
-             *[x for c in result.get("resumed", [])
-               for x in ("", f"Rows of engines run earlier on the same machine, kept by --resume: `{c}`.")],
+             *resumed_lines(result),
              *options_lines(rows),
              "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | KV tokens "
              "| weights GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -562,7 +583,7 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
              "(the first ctx tokens of each file). vLLM's spec-decode counters: accept rate = accepted / draft "
              "tokens; mean accepted len = 1 + accepted / verification steps with drafts; accepted per position i = "
              "share of those steps that accepted draft tokens 1..i.",
-             *[x for c in result.get("resumed", []) for x in ("", f"Rows of engines run earlier, kept by --resume: `{c}`.")],
+             *resumed_lines(result),
              *options_lines(rows),
              "", "| method | ctx | γ | ms/token | vs bf16 | accept rate | mean accepted len | accepted per position |",
              "|---|---|---|---|---|---|---|---|"]
