@@ -45,6 +45,10 @@
 #   slowdown), `batch1`, `target-only-b1` and `kernel-tests` in one call (device time spent)
 #   seventeenth session: calls 1-3, the third with `target-only`; `tests` (before .gpu/m1, m2: its backend part found no
 #   model), `part-b quantspec`, `part-b bf16,fp8` (cut by the call's limit during fp8); device time spent
+#   eighteenth session (one refused start): calls 1-3, the third with `part-b quantspec`; the machine was released before
+#   the next call (a fresh one started, 117 s), so calls 1-3 again, the third with `part-b bf16,fp8` on QuantSpec's rows
+#   carried over by hand; .gpu/m1, .gpu/m2 + `tests` (killed by its 420 s limit in the backend suite, no output back:
+#   now written to $OUT as it runs); device time spent before `part-b draft_model`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -59,6 +63,7 @@
 #   gamma        bench_e2e.py synthetic, batch 1, 4k/32k/128k: QuantSpec under async scheduling at γ 2, 1 and 4, each
 #                at the acceptance of the first γ positions measured at γ=4 (e2e-real-h200), and bf16, one run
 #   tests        the kernels' GPU tests and batch-invariance test; SmolLM2 staged, the backend's GPU suite
+#   backend-tests  SmolLM2 staged, the backend's GPU suite alone (its log to $OUT as it runs)
 #   agreement    SmolLM2: greedy QuantSpec (synchronous) vs target-only, 32 prompts x 128 tokens, batch-invariant
 #                (the sixth session ran the default mode); agreement-async: QuantSpec under async scheduling
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
@@ -135,9 +140,12 @@ kernel_tests() {
 # follows needs it (the seventeenth session's `tests` ran its kernel tests first and only then found it missing)
 stage_model() { bash benchmarks/gpu_model.sh stage >/dev/null || exit 1; }
 # the backend's bf16 engine suite on the staged SmolLM2 (stage_model first)
+# Its whole log goes to $OUT as it is written (python -u, tee), so a call that the device's limit kills still brings
+# back how far it got (the eighteenth session's `tests` was killed inside this suite and brought back nothing).
 backend_tests() {
-  QUANTSPEC_GPU_MODEL=$MODEL timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -x \
-    tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tail -15 | tee "$RUNS/pytest-backend-h200.txt"
+  QUANTSPEC_GPU_MODEL=$MODEL timeout 300 python -u -m pytest -m gpu -v -p no:cacheprovider -x \
+    tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tee "$OUT/pytest-backend-h200.log" | tail -15 \
+    | tee "$RUNS/pytest-backend-h200.txt"
 }
 
 # traced NAME METHOD [VAR=VALUE...]: bench_e2e.py's engine of METHOD at 1 x 32k under that environment, then one
@@ -251,6 +259,12 @@ PY
     backend_tests
     cat "$RUNS/pytest-backend-h200.txt" >> "$RUNS/pytest-gpu-h200.txt"
     out "$RUNS/pytest-gpu-h200.txt"
+    ;;
+  backend-tests)
+    # `tests`' second part alone (about 4 minutes with SmolLM2's staging: give `tests` a whole 600 s call, or run
+    # `kernel-tests` and this in two)
+    stage_model
+    backend_tests
     ;;
   agreement|agreement-async)
     # about 280 s each (seventh session): one mode a call
