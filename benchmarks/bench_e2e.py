@@ -248,7 +248,7 @@ def worker(args: argparse.Namespace) -> None:
     # before the clock starts. Per batch size because QuantSpec's draft-step graph (draft_graphs) is captured at
     # the first draft step of each batch size, and Triton compiles a kernel again for a new specialization: with
     # only a batch-1 warm-up, the first 4 x 4096 point (whose prefills fill the batch within the first steps) can
-    # pay that inside its timed window (the eighteenth session's 6.18 ms against 4.83 before).
+    # pay that inside its timed window (a candidate for the eighteenth session's 6.18 ms there against 4.83 before).
     for bs in sorted({b for b, _ in points}):
         timed(llm, [{"prompt_token_ids": torch.randint(1000, 120000, (1024,), generator=g).tolist()}
                     for _ in range(bs)], args.n_out)
