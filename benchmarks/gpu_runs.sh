@@ -49,6 +49,8 @@
 #   the next call (a fresh one started, 117 s), so calls 1-3 again, the third with `part-b bf16,fp8` on QuantSpec's rows
 #   carried over by hand; .gpu/m1, .gpu/m2 + `tests` (killed by its 420 s limit in the backend suite, no output back:
 #   now written to $OUT as it runs); device time spent before `part-b draft_model`
+#   nineteenth session: calls 1-3, the third with `part-b quantspec`; `part-b bf16,fp8`, `part-b draft_model` (the grid
+#   on one machine), .gpu/m1, .gpu/m2 + `backend-tests` (233 s), `kernel-tests` (154 s)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
