@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from heavy_tails import student_t2
 
 from vllm_quantspec.draft_weights import (
     DequantizedW4Linear,
@@ -20,10 +21,8 @@ def _weights(kind: str, n: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     if kind == "normal":
         return torch.randn(n, k, generator=g) * 0.05
-    # heavy tails plus a few outlier input channels, as in real LLM weights. Student's t with 2 degrees
-    # of freedom drawn from g (z / sqrt(chi2_2 / 2), chi2_2 = -2 ln U): torch.distributions would draw
-    # from the global generator and give every run other weights
-    w = torch.randn(n, k, generator=g) / torch.rand(n, k, generator=g).log().neg().sqrt() * 0.02
+    # heavy tails plus a few outlier input channels, as in real LLM weights
+    w = student_t2((n, k), g) * 0.02
     w[:, torch.randperm(k, generator=g)[:3]] *= 50
     return w
 

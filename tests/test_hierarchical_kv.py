@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from heavy_tails import student_t2
 
 from vllm_quantspec.hierarchical_kv import (
     HierarchicalPageLayout,
@@ -29,8 +30,7 @@ def _data(kind: str, shape, dtype, seed=0) -> torch.Tensor:
     if kind == "normal":
         x = torch.randn(shape, generator=g)
     elif kind == "heavy":  # student-t tails plus a few outlier channels (last dim) scaled x50
-        # t with 2 degrees of freedom from g, z / sqrt(-ln U) (torch.distributions draws from the global generator)
-        x = torch.randn(shape, generator=g) / torch.rand(shape, generator=g).log().neg().sqrt() * 3
+        x = student_t2(shape, g) * 3
         x[..., torch.randperm(shape[-1], generator=g)[:4]] *= 50
     elif kind == "tiny":  # fp16 subnormal range: directed rounding of tiny metadata
         x = torch.randn(shape, generator=g) * 1e-6
