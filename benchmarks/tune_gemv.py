@@ -1,0 +1,120 @@
+"""Sweep the W4A16 GEMV's tiles (kernels/w4a16_gemv.py) over the 8B draft's linears on the GPU,
+against bf16 cuBLAS and, where vLLM is installed, the W4A16 kernel vLLM picks for the draft (Marlin /
+Machete), all in one run. Prints the best tile per (M, layer) and each default tile's time.
+
+    python benchmarks/tune_gemv.py [--json out.json] [--md out.md]
+
+Weights are random words (the kernel's speed does not depend on their values); timing as
+bench_kernels.py (CUDA-graph replay, L2 flushed before every run). Every tile is timed at M=1; at
+larger M, the 8 fastest tiles of M=1 with 1-4 rows per program.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+
+import torch
+import triton
+
+from bench_kernels import LINEARS, timed
+from vllm_quantspec.kernels.w4a16_gemv import MAX_M, default_tile, w4a16_gemv
+
+TILES = list(itertools.product((4, 8, 16), (8, 16, 32), (2, 4, 8), (1, 2)))  # rows, groups a step, warps, stages
+
+
+def vllm_w4a16(w: torch.Tensor):
+    """vLLM's W4A16 kernel for this weight as the draft builds it, or None without vLLM."""
+    try:
+        import vllm.model_executor.parameter as vllm_param
+
+        from vllm_quantspec.draft_weights import W4A16Linear, quantize_w4
+    except ImportError:
+        return None
+    vllm_param.get_tensor_model_parallel_rank = lambda: 0
+    vllm_param.get_tensor_model_parallel_world_size = lambda: 1
+    linear = W4A16Linear(quantize_w4(w, 128), torch.bfloat16)
+    return type(linear.scheme.kernel).__name__, linear
+
+
+def vector_loads() -> str:
+    """How the compiled kernels load its words: 128-bit loads (ld.global.v4) in its PTX, or not."""
+    from vllm_quantspec.kernels.w4a16_gemv import _w4a16_gemv_kernel
+
+    try:
+        kernels = list(_w4a16_gemv_kernel.device_caches[torch.cuda.current_device()][0].values())
+    except (AttributeError, KeyError, IndexError, TypeError) as e:  # Triton's cache layout is internal
+        return f"not read ({type(e).__name__}: {e})"
+    return ", ".join(sorted({f"v4 loads {c.asm['ptx'].count('ld.global.v4')}, regs {c.n_regs}, spills {c.n_spills}"
+                             for c in kernels}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--md")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties()
+    head = dict(device=props.name, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
+                date=datetime.date.today().isoformat())
+    print(json.dumps(head), flush=True)
+    rows, summary = [], []
+    for name, (k, n) in LINEARS.items():
+        packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+        scale = (torch.rand(n, k // 128, device="cuda") * 0.01).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        vllm_kernel = vllm_w4a16(w)
+        w4_bytes = packed.numel() * 4 + scale.numel() * 2
+        top = None
+        for m in range(1, MAX_M + 1):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = dict(layer=name, k=k, n=n, m=m, bf16_us=timed(lambda: torch.nn.functional.linear(x, w), rep=30),
+                        default_tile=default_tile(m, k // 128),
+                        default_us=timed(lambda: w4a16_gemv(x, packed, scale, 128), rep=30))
+            if vllm_kernel:
+                base.update(vllm_kernel=vllm_kernel[0], vllm_us=timed(lambda: vllm_kernel[1].apply(None, x), rep=30))
+            here = []
+            tiles = TILES if top is None else [t for t in top if t[0] <= 8] + [(r, *t[1:]) for t in top[:4] for r in (1, 2)]
+            for bn, bg, warps, stages in dict.fromkeys(tiles):
+                try:
+                    us = timed(lambda: w4a16_gemv(x, packed, scale, 128, block_n=bn, block_g=bg, num_warps=warps,
+                                                  num_stages=stages), rep=30)
+                except Exception as e:  # noqa: BLE001 (a tile out of resources: skipped, and said)
+                    print("skip", name, m, bn, bg, warps, stages, type(e).__name__, flush=True)
+                    continue
+                here.append(dict(base, block_n=bn, block_g=bg, warps=warps, stages=stages, us=us,
+                                 GBps=w4_bytes / us / 1e3))
+            here.sort(key=lambda r: r["us"])
+            top = top or [(r["block_n"], r["block_g"], r["warps"], r["stages"]) for r in here[:8]]
+            rows += here
+            best = here[0]
+            summary.append(best)
+            print(f"{name} M={m}: best {best['us']:.1f} us {best['GBps']:.0f} GB/s (rows {best['block_n']}, groups "
+                  f"{best['block_g']}, warps {best['warps']}, stages {best['stages']}); default {base['default_us']:.1f};"
+                  f" bf16 {base['bf16_us']:.1f}" + (f"; {base['vllm_kernel']} {base['vllm_us']:.1f}" if vllm_kernel else ""),
+                  flush=True)
+        print(name, "kernels compiled so far:", vector_loads(), flush=True)
+        del packed, scale, w, vllm_kernel
+    lines = ["| layer (K→N) | M | bf16 µs | vLLM W4A16 µs | GEMV default µs | GEMV best µs (rows, groups, warps, stages) | best GB/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        vllm_cell = f"{r['vllm_kernel']} {r['vllm_us']:.1f}" if "vllm_us" in r else "–"
+        lines.append(f"| {r['layer']} ({r['k']}→{r['n']}) | {r['m']} | {r['bf16_us']:.1f} | {vllm_cell} | "
+                     f"{r['default_us']:.1f} | {r['us']:.1f} ({r['block_n']}, {r['block_g']}, {r['warps']}, "
+                     f"{r['stages']}) | {r['GBps']:.0f} |")
+    for m in range(1, MAX_M + 1):
+        sel = [r for r in summary if r["m"] == m]
+        tot = {key: sum(r.get(key, 0) for r in sel) for key in ("bf16_us", "vllm_us", "default_us", "us")}
+        vllm_cell = f"{tot['vllm_us']:.1f}" if tot["vllm_us"] else "–"
+        lines.append(f"| **sum of four** | {m} | {tot['bf16_us']:.1f} | {vllm_cell} | "
+                     f"{tot['default_us']:.1f} | {tot['us']:.1f} | |")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        json.dump(dict(head, rows=rows), open(args.json, "w"))
+    if args.md:
+        open(args.md, "w").write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
