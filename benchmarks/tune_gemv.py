@@ -6,7 +6,7 @@ Machete), all in one run. Prints the best tile per (M, layer) and each default t
 
 Weights are random words (the kernel's speed does not depend on their values); timing as
 bench_kernels.py (CUDA-graph replay, L2 flushed before every run). Every tile is timed at M=1; at
-larger M, the 8 fastest tiles of M=1 with 1-4 rows per program.
+larger M, the 8 fastest tiles of M=1.
 """
 
 import argparse
@@ -19,9 +19,10 @@ import torch
 import triton
 
 from bench_kernels import LINEARS, timed
-from vllm_quantspec.kernels.w4a16_gemv import MAX_M, default_tile, w4a16_gemv
+from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
 
-TILES = list(itertools.product((4, 8, 16), (8, 16, 32), (2, 4, 8), (1, 2)))  # rows, groups a step, warps, stages
+TILES = list(itertools.product((4, 8, 16), (128, 256, 512), (1, 2, 4, 8), (1, 2)))  # rows, words a step, warps, stages
+MS = (1, 2, 4)
 
 
 def vllm_w4a16(w: torch.Tensor):
@@ -67,43 +68,41 @@ def main():
         vllm_kernel = vllm_w4a16(w)
         w4_bytes = packed.numel() * 4 + scale.numel() * 2
         top = None
-        for m in range(1, MAX_M + 1):
+        for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = dict(layer=name, k=k, n=n, m=m, bf16_us=timed(lambda: torch.nn.functional.linear(x, w), rep=30),
-                        default_tile=default_tile(m, k // 128),
                         default_us=timed(lambda: w4a16_gemv(x, packed, scale, 128), rep=30))
             if vllm_kernel:
                 base.update(vllm_kernel=vllm_kernel[0], vllm_us=timed(lambda: vllm_kernel[1].apply(None, x), rep=30))
             here = []
-            tiles = TILES if top is None else [t for t in top if t[0] <= 8] + [(r, *t[1:]) for t in top[:4] for r in (1, 2)]
-            for bn, bg, warps, stages in dict.fromkeys(tiles):
+            for bn, bw, warps, stages in top or TILES:
                 try:
-                    us = timed(lambda: w4a16_gemv(x, packed, scale, 128, block_n=bn, block_g=bg, num_warps=warps,
+                    us = timed(lambda: w4a16_gemv(x, packed, scale, 128, block_n=bn, block_w=bw, num_warps=warps,
                                                   num_stages=stages), rep=30)
                 except Exception as e:  # noqa: BLE001 (a tile out of resources: skipped, and said)
-                    print("skip", name, m, bn, bg, warps, stages, type(e).__name__, flush=True)
+                    print("skip", name, m, bn, bw, warps, stages, type(e).__name__, flush=True)
                     continue
-                here.append(dict(base, block_n=bn, block_g=bg, warps=warps, stages=stages, us=us,
+                here.append(dict(base, block_n=bn, block_w=bw, warps=warps, stages=stages, us=us,
                                  GBps=w4_bytes / us / 1e3))
             here.sort(key=lambda r: r["us"])
-            top = top or [(r["block_n"], r["block_g"], r["warps"], r["stages"]) for r in here[:8]]
+            top = top or [(r["block_n"], r["block_w"], r["warps"], r["stages"]) for r in here[:8]]
             rows += here
             best = here[0]
             summary.append(best)
-            print(f"{name} M={m}: best {best['us']:.1f} us {best['GBps']:.0f} GB/s (rows {best['block_n']}, groups "
-                  f"{best['block_g']}, warps {best['warps']}, stages {best['stages']}); default {base['default_us']:.1f};"
+            print(f"{name} M={m}: best {best['us']:.1f} us {best['GBps']:.0f} GB/s (rows {best['block_n']}, words "
+                  f"{best['block_w']}, warps {best['warps']}, stages {best['stages']}); default {base['default_us']:.1f};"
                   f" bf16 {base['bf16_us']:.1f}" + (f"; {base['vllm_kernel']} {base['vllm_us']:.1f}" if vllm_kernel else ""),
                   flush=True)
         print(name, "kernels compiled so far:", vector_loads(), flush=True)
         del packed, scale, w, vllm_kernel
-    lines = ["| layer (K→N) | M | bf16 µs | vLLM W4A16 µs | GEMV default µs | GEMV best µs (rows, groups, warps, stages) | best GB/s |",
+    lines = ["| layer (K→N) | M | bf16 µs | vLLM W4A16 µs | GEMV default µs | GEMV best µs (rows, words, warps, stages) | best GB/s |",
              "|---|---|---|---|---|---|---|"]
     for r in summary:
         vllm_cell = f"{r['vllm_kernel']} {r['vllm_us']:.1f}" if "vllm_us" in r else "–"
         lines.append(f"| {r['layer']} ({r['k']}→{r['n']}) | {r['m']} | {r['bf16_us']:.1f} | {vllm_cell} | "
-                     f"{r['default_us']:.1f} | {r['us']:.1f} ({r['block_n']}, {r['block_g']}, {r['warps']}, "
+                     f"{r['default_us']:.1f} | {r['us']:.1f} ({r['block_n']}, {r['block_w']}, {r['warps']}, "
                      f"{r['stages']}) | {r['GBps']:.0f} |")
-    for m in range(1, MAX_M + 1):
+    for m in MS:
         sel = [r for r in summary if r["m"] == m]
         tot = {key: sum(r.get(key, 0) for r in sel) for key in ("bf16_us", "vllm_us", "default_us", "us")}
         vllm_cell = f"{tot['vllm_us']:.1f}" if tot["vllm_us"] else "–"
