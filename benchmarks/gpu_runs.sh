@@ -51,6 +51,8 @@
 #   now written to $OUT as it runs); device time spent before `part-b draft_model`
 #   nineteenth session: calls 1-3, the third with `part-b quantspec`; `part-b bf16,fp8`, `part-b draft_model` (the grid
 #   on one machine), .gpu/m1, .gpu/m2 + `backend-tests` (233 s), `kernel-tests` (154 s)
+#   twentieth session: benchmarks/tune_gemv.py twice on a bare machine (no vLLM); calls 1-3, the third with `gemv`;
+#   `batch1-gemv`, `batch1-gemv marlin`; .gpu/m1, .gpu/m2 + `gemv-acceptance`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -95,6 +97,11 @@
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
 #   batch1 [lm-head]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
 #                (lm-head: the draft with an int4 lm_head)
+#   gemv         the W4A16 GEMV (kernels/w4a16_gemv.py): its GPU tests, then tune_gemv.py (tiles at M = 1, 2, 4, against
+#                bf16 and vLLM's Marlin in the same run)
+#   batch1-gemv [marlin]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
+#                (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine)
+#   gemv-acceptance  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and without draft_gemv
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -172,7 +179,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen | gemv | batch1-gemv | gemv-acceptance}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -430,6 +437,31 @@ PY
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
     out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"
+    ;;
+  gemv)
+    timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gemv.py 2>&1 | tail -5 \
+      | tee "$RUNS/pytest-gemv-h200.txt"
+    # Marlin where vLLM would pick Machete: what the draft runs (MARLIN above)
+    (cd benchmarks && VLLM_DISABLED_KERNELS=MacheteLinearKernel timeout 300 python tune_gemv.py \
+      --json "$RUNS/gemv-tune-h200.json" --md "$RUNS/gemv-tune-h200.md") 2>&1 | grep -v '^skip\|compiled so far' | tail -25
+    out "$RUNS"/pytest-gemv-h200.txt "$RUNS"/gemv-tune-h200.*
+    ;;
+  batch1-gemv)
+    options='{"draft_linear_backend": "marlin", "draft_gemv": true}'; methods=quantspec,bf16; name=batch1-gemv
+    [ "${2:-}" = marlin ] && options=$MARLIN && methods=quantspec && name=batch1-marlin
+    python benchmarks/bench_e2e.py --part synthetic --methods $methods --points 1x4096,1x32768,1x131072 \
+      --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
+      --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
+    out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"
+    ;;
+  gemv-acceptance)
+    stage_model
+    for gemv in true false; do
+      python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --methods quantspec --gammas 4 \
+        --quantspec-options "{\"draft_linear_backend\": \"marlin\", \"draft_gemv\": $gemv}" \
+        --out "$RUNS/gemv-acceptance-$gemv" --resume --time-budget 200 2>&1 | grep -v '^{' | tail -8
+      out_renamed "$RUNS/gemv-acceptance-$gemv/e2e-real-h200" "e2e-real-gemv-$gemv-h200"
+    done
     ;;
   part-b)
     # issue 5's synthetic grid in one run: batch 1, 4 and 16 x 4k-128k (a point that does not fit a method's KV

@@ -61,8 +61,8 @@ def test_defaults(llama):
     sc = build(llama, {"method": "quantspec"}).speculative_config
     o = sc.quantspec
     assert (sc.num_speculative_tokens, o.kv_group_size, o.v_group_size, o.draft_weight_bits,
-            o.draft_weight_group_size, o.quantize_lm_head, o.fp_buffer, o.draft_linear_backend
-            ) == (4, 128, 64, 4, 128, False, "double", "auto")
+            o.draft_weight_group_size, o.quantize_lm_head, o.fp_buffer, o.draft_linear_backend, o.draft_gemv
+            ) == (4, 128, 64, 4, 128, False, "double", "auto", False)
     assert o.draft_quantized_linears == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -118,9 +118,11 @@ BAD_SPECS = [
     ({"draft_quantized_linears": []}, "'draft_quantized_linears'"),
     ({"quantize_lm_head": "yes"}, "'quantize_lm_head'"),
     ({"draft_linear_backend": "cublas"}, "'draft_linear_backend'"),
+    ({"draft_gemv": 1}, "'draft_gemv'"),
 ]
 if not torch.cuda.is_available():
     BAD_SPECS.append(({"draft_linear_backend": "marlin"}, "only 'auto' on cpu"))
+    BAD_SPECS.append(({"draft_gemv": True}, "only false on cpu"))
 
 
 @pytest.mark.parametrize("extra,needle", BAD_SPECS, ids=[json.dumps(b[0]) for b in BAD_SPECS])

@@ -131,6 +131,47 @@ class W4A16Linear:
 
 W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kernels take as activations
 
+_GEMV_LINEARS: list["GemvW4Linear"] = []  # by the index each one's custom-op calls carry
+
+
+@torch.library.custom_op("quantspec::draft_linear", mutates_args=())
+def _draft_linear(x: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _GEMV_LINEARS[index].forward(x, bias)
+
+
+@_draft_linear.register_fake
+def _(x: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _GEMV_LINEARS[index].out_features)
+
+
+class GemvW4Linear:
+    """A draft linear whose one-token steps (batch 1) run the plugin's W4A16 GEMV and whose larger
+    batches run vLLM's W4A16 kernel (`inner`, the layer's own quant_method), each on its own copy of
+    the int4 weights. Stands in as the layer's ``quant_method``. The choice by batch size is made
+    inside one opaque custom op: vLLM compiles the draft once for every batch size, so a branch in
+    the traced code would be fixed at the size it was traced with."""
+
+    def __init__(self, w4: W4Weight, inner, layer: torch.nn.Module):
+        from vllm_quantspec.kernels.w4a16_gemv import repack
+
+        self.weight = repack(w4.weight_packed, w4.group_size)
+        self.scale = w4.weight_scale.clone()  # the inner kernel's repacking may replace or permute its own
+        self.group_size = w4.group_size
+        self.out_features = w4.shape[0]
+        self.inner, self.layer = inner, layer
+        self.index = len(_GEMV_LINEARS)
+        _GEMV_LINEARS.append(self)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.quantspec.draft_linear(x, self.index, bias)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 1:
+            from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
+
+            return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias)
+        return self.inner.apply(self.layer, x, bias)
+
 
 def int4_method(w4: W4Weight, dtype: torch.dtype) -> W4A16Linear | DequantizedW4Linear:
     """A ``quant_method`` computing x @ dequantize(w4).T: vLLM's kernel, or its torch twin for fp32."""

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 METHOD = "quantspec"
 
 # Linear layers of a decoder block, by the fused names vLLM's models use.
@@ -65,6 +67,10 @@ class QuantSpecOptions:
     draft_linear_backend: str = "auto"
     """vLLM's linear backend for the draft's W4A16 layers only ("auto": vLLM's own choice, Machete on
     Hopper; "marlin" etc.: that kernel family). The target's layers keep the engine's setting."""
+    draft_gemv: bool = False
+    """Batch-1 draft steps (one token) run the draft's int4 linears on the plugin's W4A16 GEMV
+    (kernels/w4a16_gemv.py) instead of vLLM's kernel, which keeps larger batches. Costs a second copy
+    of the draft's int4 weights. CUDA, bf16/fp16 models."""
 
     def fp_buffer_min_tokens(self) -> int:
         """Fewest verified tokens a sequence keeps in full precision once it has that many."""
@@ -155,6 +161,10 @@ def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dic
     if backend not in DRAFT_LINEAR_BACKENDS:
         raise _fail("draft_linear_backend", f"expected one of {list(DRAFT_LINEAR_BACKENDS)}", backend)
     opts["draft_linear_backend"] = backend
+    gemv = raw.get("draft_gemv", defaults.draft_gemv)
+    if not isinstance(gemv, bool):
+        raise _fail("draft_gemv", "expected true or false", gemv)
+    opts["draft_gemv"] = gemv
     vllm_kwargs = {k: raw[k] for k in VLLM_KEYS if k in raw}
     vllm_kwargs["num_speculative_tokens"] = opts["num_speculative_tokens"]
     return QuantSpecOptions(**opts), vllm_kwargs
@@ -225,12 +235,15 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
         raise QuantSpecConfigError(
             "mixture-of-experts targets are not supported by method 'quantspec' yet"
         )
-    if options.draft_linear_backend != "auto":
+    if options.draft_linear_backend != "auto" or options.draft_gemv:
         from vllm.platforms import current_platform
 
         if not current_platform.is_cuda():
-            raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
-                        "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
+            key, allowed = (("draft_gemv", "only false") if options.draft_gemv else ("draft_linear_backend", "only 'auto'"))
+            raise _fail(key, f"{allowed} on {current_platform.device_name} (the W4A16 kernels it names need a CUDA "
+                        "GPU)", getattr(options, key))
+    if options.draft_gemv and model_config.dtype not in (torch.bfloat16, torch.float16):
+        raise _fail("draft_gemv", f"only false for a {model_config.dtype} model (the GEMV takes bf16/fp16)", True)
     head_dim = model_config.get_head_size()
     if head_dim % 16:
         raise QuantSpecConfigError(

@@ -30,7 +30,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_quantspec.draft_graphs import DraftStepGraphs
-from vllm_quantspec.draft_weights import W4A16_KERNEL_DTYPES, DequantizedW4Linear, int4_method, quantize_w4
+from vllm_quantspec.draft_weights import (W4A16_KERNEL_DTYPES, DequantizedW4Linear, GemvW4Linear, int4_method,
+                                          quantize_w4)
 from vllm_quantspec.hierarchical_kv_backend import DRAFT_PREFIX
 from vllm_quantspec.options import DRAFT_LINEARS, METHOD, QuantSpecOptions
 
@@ -68,7 +69,7 @@ def draft_quant_config(options: QuantSpecOptions) -> CompressedTensorsConfig:
 
 
 def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: torch.dtype,
-                         lm_head_group: int | None = None) -> int:
+                         lm_head_group: int | None = None, gemv: bool = False) -> int:
     """Give the draft its int4 linears and share everything else with the target.
 
     The int4 weights were derived from the target's fp weights while the target loaded (patch P8:
@@ -78,7 +79,8 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
     GEMM setup. Draft and target are built from one config, so their module names match.
     With `lm_head_group`, the draft's lm_head is instead a copy of the target's (same vocabulary
     shard, same tied weight) that computes with int4 weights RTN-quantized from it in groups of that
-    size. Returns the number of int4 linear layers (the lm_head included).
+    size. With `gemv`, each int4 linear runs its batch-1 steps on the plugin's GEMV (GemvW4Linear).
+    Returns the number of int4 linear layers (the lm_head included).
     """
     target_modules = dict(target.named_modules(remove_duplicate=False))
     quantized = 0
@@ -88,9 +90,11 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
             if getattr(module, "bias", None) is not None:  # e.g. Qwen2's qkv_proj: the draft's own was never loaded
                 module.bias = target_modules[name].bias
             if activation_dtype in W4A16_KERNEL_DTYPES:
+                gemv_method = GemvW4Linear(w4, module.quant_method, module) if gemv else None
                 for key, tensor in w4.state_dict().items():
                     getattr(module, key).data = tensor  # the parameter keeps its vLLM loader attributes
                 module.quant_method.process_weights_after_loading(module)  # repack for the chosen kernel
+                module.quant_method = gemv_method or module.quant_method
             else:
                 module.quant_method = DequantizedW4Linear(w4, activation_dtype)
                 for key in w4.state_dict():
@@ -103,7 +107,10 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
         # a shallow copy shares the target's parameters; its own quant_method leaves the target's
         # lm_head (or, when tied, its embedding) untouched
         head = copy.copy(target_modules["lm_head"])
-        head.quant_method = int4_method(quantize_w4(head.weight.data, lm_head_group), activation_dtype)
+        w4 = quantize_w4(head.weight.data, lm_head_group)
+        head.quant_method = int4_method(w4, activation_dtype)
+        if gemv:
+            head.quant_method = GemvW4Linear(w4, head.quant_method, head)
         draft.lm_head = head
         quantized += 1
     return quantized
@@ -160,10 +167,10 @@ class QuantSpecProposer(QuantSpecDispatch):
         group = self.options.draft_weight_group_size
         with set_current_vllm_config(draft_config):  # an int4 lm_head picks its kernel as the draft's linears
             n = derive_draft_weights(draft, self._target, draft_config.model_config.dtype,
-                                     group if self.options.quantize_lm_head else None)
-        logger.info("QuantSpec draft: %d linear layers int4 (group %d%s, linear backend %s) derived from the "
+                                     group if self.options.quantize_lm_head else None, self.options.draft_gemv)
+        logger.info("QuantSpec draft: %d linear layers int4 (group %d%s, linear backend %s%s) derived from the "
                     "target's weights", n, group, ", lm_head included" if self.options.quantize_lm_head else "",
-                    self.options.draft_linear_backend)
+                    self.options.draft_linear_backend, ", batch 1 on the plugin's GEMV" if self.options.draft_gemv else "")
         return draft
 
     def load_model(self, target_model: nn.Module) -> None:
