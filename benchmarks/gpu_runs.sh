@@ -52,7 +52,8 @@
 #   nineteenth session: calls 1-3, the third with `part-b quantspec`; `part-b bf16,fp8`, `part-b draft_model` (the grid
 #   on one machine), .gpu/m1, .gpu/m2 + `backend-tests` (233 s), `kernel-tests` (154 s)
 #   twentieth session: benchmarks/tune_gemv.py twice on a bare machine (no vLLM); calls 1-3, the third with `gemv`;
-#   `batch1-gemv`, `batch1-gemv marlin`; .gpu/m1, .gpu/m2 + `gemv-acceptance`
+#   `batch1-gemv`, `batch1-gemv marlin` (both with the draft padded to 5 tokens at batch 1, so the GEMV never ran: fixed),
+#   again after the fix; .gpu/m1, .gpu/m2 + `gemv-acceptance true`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -101,7 +102,8 @@
 #                bf16 and vLLM's Marlin in the same run)
 #   batch1-gemv [marlin]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
 #                (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine)
-#   gemv-acceptance  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and without draft_gemv
+#   gemv-acceptance [true|false]  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and (or)
+#                without draft_gemv
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,
 #                fp8, ngram (γ=4) and QuantSpec (γ 2, 4, 8)
 set -uo pipefail
@@ -456,7 +458,7 @@ PY
     ;;
   gemv-acceptance)
     stage_model
-    for gemv in true false; do
+    for gemv in $(echo ${2:-true,false} | tr , ' '); do
       python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --methods quantspec --gammas 4 \
         --quantspec-options "{\"draft_linear_backend\": \"marlin\", \"draft_gemv\": $gemv}" \
         --out "$RUNS/gemv-acceptance-$gemv" --resume --time-budget 200 2>&1 | grep -v '^{' | tail -8

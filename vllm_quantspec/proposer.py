@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.config import CUDAGraphMode, VllmConfig, set_current_vllm_config
 from vllm.config.utils import replace
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
@@ -184,6 +184,16 @@ class QuantSpecProposer(QuantSpecDispatch):
             layer.kv_sharing_target_layer_name = name[len(DRAFT_PREFIX):]
         if self.device.type == "cuda" and not self.vllm_config.model_config.enforce_eager:
             self.model = DraftStepGraphs(self.model)
+
+    def _determine_batch_execution_and_padding(self, num_tokens: int, use_cudagraphs: bool = True):
+        # Draft steps replay our own whole-step graphs (DraftStepGraphs), captured per exact batch size;
+        # vLLM's padding to its piecewise capture sizes (multiples of γ + 1 under spec decode: 5 tokens
+        # at batch 1 and γ=4) would only add rows. Unpadded, a batch-1 step is one token, which the
+        # draft's linears need for the GEMV (draft_gemv). Data parallelism keeps vLLM's padding: its
+        # ranks agree on one token count.
+        if isinstance(self.model, DraftStepGraphs) and self.vllm_config.parallel_config.data_parallel_size == 1:
+            return CUDAGraphMode.NONE, num_tokens, None
+        return super()._determine_batch_execution_and_padding(num_tokens, use_cudagraphs)
 
     def model_returns_tuple(self) -> bool:
         return False  # the draft is a plain causal LM: its forward returns hidden states only
