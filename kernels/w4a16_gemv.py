@@ -3,7 +3,9 @@
 Why our own: at batch 1 a decode linear is a stream of int4 weights, and vLLM's tensor-core W4A16
 kernels (Marlin, Machete), tiled for M >= 16, reach 15-40% of the H200's bandwidth there
 (benchmarks/results/kernels-h200). An earlier GEMV (gemv-tune-h200, commit 7044ede) was slower
-still: each thread had one 4-byte word in flight per loop step. Here every thread loads 16 bytes of
+still: each thread had one 4-byte word in flight per loop step. Measured (w4a16-gemv-h200): 82.8 µs
+over the 8B layers at M=1 against Marlin's 92.1 in the same run, bf16's 153.0; slower than Marlin
+from M=2 on, so the draft calls it for one-token steps only (draft_weights.GemvW4Linear). Here every thread loads 16 bytes of
 each of BLOCK_N rows per step and reuses its activations across those rows; a program covers all of
 K, so there is no split-K workspace and no second launch.
 
@@ -102,7 +104,7 @@ def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.T
                num_stages: int | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp16) @ W.T -> [M, N] in x's dtype, W [N, K] = the dequantized weight whose
     words `repack` gave `weight_gemv`, scales [N, K / group_size]. The default tile is the H200's best
-    or within 6% of it at M=1 on the 8B draft's linears (benchmarks/results/gemv-tune-h200)."""
+    or within 5% of it at M=1 on the 8B draft's linears (benchmarks/results/w4a16-gemv-h200)."""
     M, K = x.shape
     N = weight_gemv.shape[0]
     assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
