@@ -172,3 +172,19 @@ def test_gemv_linear_runs_batch_1_on_the_gemv_and_larger_batches_on_the_inner_ke
         x1, x3 = (torch.randn(m, 256, generator=gen).bfloat16() for m in (1, 3))
         assert torch.equal(run(x1), w4a16_gemv(x1, repack(w4.weight_packed, 64), w4.weight_scale, 64, bias))
         assert torch.equal(run(x3), inner.apply(None, x3, bias))
+
+
+def test_gemv_linear_is_freed_with_its_draft():
+    """The custom op finds a GemvW4Linear by index through weak references: a draft that is freed
+    (another LLM built in the same process) does not keep its weight copies alive."""
+    import gc
+
+    from vllm_quantspec import draft_weights
+
+    w4 = quantize_w4(_weights("normal", 16, 64), 32, scale_dtype=torch.bfloat16)
+    method = draft_weights.GemvW4Linear(w4, DequantizedW4Linear(w4, torch.bfloat16), None)
+    index = method.index
+    assert draft_weights._GEMV_LINEARS[index]() is method
+    del method
+    gc.collect()
+    assert draft_weights._GEMV_LINEARS[index]() is None

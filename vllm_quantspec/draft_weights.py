@@ -20,6 +20,7 @@ symmetric scale that keeps both +absmax and -absmax inside (it is also compresse
 Hence |w - q*s| <= s/2 for every element (up to fp32 rounding of w / s).
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -131,17 +132,20 @@ class W4A16Linear:
 
 W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kernels take as activations
 
-_GEMV_LINEARS: list["GemvW4Linear"] = []  # by the index each one's custom-op calls carry
+# by the index each one's custom-op calls carry (a list: compiled with dynamic shapes, the index may be
+# a SymInt, which indexes a list but is no dict key); weak, so that a freed draft (another LLM in the
+# same process) takes its weights with it
+_GEMV_LINEARS: list[weakref.ref] = []
 
 
 @torch.library.custom_op("quantspec::draft_linear", mutates_args=())
 def _draft_linear(x: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return _GEMV_LINEARS[index].forward(x, bias)
+    return _GEMV_LINEARS[index]().forward(x, bias)
 
 
 @_draft_linear.register_fake
 def _(x: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], _GEMV_LINEARS[index].out_features)
+    return x.new_empty(x.shape[0], _GEMV_LINEARS[index]().out_features)
 
 
 class GemvW4Linear:
@@ -160,7 +164,7 @@ class GemvW4Linear:
         self.out_features = w4.shape[0]
         self.inner, self.layer = inner, layer
         self.index = len(_GEMV_LINEARS)
-        _GEMV_LINEARS.append(self)
+        _GEMV_LINEARS.append(weakref.ref(self))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.quantspec.draft_linear(x, self.index, bias)
