@@ -1,5 +1,5 @@
-"""The attention kernel compiled for an H100/H200 (sm_90) without a GPU: registers, spills and the
-instruction count of its page loop, per launch shape. Triton's bundled ptxas and cuobjdump do the work,
+"""The attention kernel and the W4A16 GEMV compiled for an H100/H200 (sm_90) without a GPU: registers,
+spills and the instruction count of their main loops, per launch shape. Triton's bundled ptxas and cuobjdump do the work,
 so this runs on the CPU machine (no device time).
 
     python benchmarks/kernel_sass.py [--out benchmarks/results/kernel-sass-sm90.txt]
@@ -8,7 +8,8 @@ Why it matters: the kernel is issue-bound. A loop iteration reads one BLOCK_N-to
 one KV head; an H200 streams K+V of a token and KV head (D = 128: 128 bytes in INT4, 256 in INT8) at its
 copy bandwidth only if the SMs issue at most `budget` warp instructions per such token:
     budget = 4 schedulers x SMs x clock / (copy bandwidth / bytes per token)
-which assumes every scheduler issues every cycle; real kernels issue well below that.
+which assumes every scheduler issues every cycle; real kernels issue well below that. The GEMV's budget
+is the same count per 32 int4 weights (16 bytes).
 """
 
 import argparse
@@ -26,6 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import _w4a16_gemv_kernel, w4a16_gemv  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -64,6 +66,26 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
                        target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=t.num_warps, num_stages=2, **({"maxnreg": maxnreg} if maxnreg else {})))
     return k, t
+
+
+def gemv_summary(k_in: int, tmp: str) -> list[str]:
+    """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in): its step loop's
+    warp instructions per 32 weights and opcode mix."""
+    tile = {n: p.default for n, p in inspect.signature(w4a16_gemv).parameters.items() if n in ("block_n", "block_w", "num_warps")}
+    block_w = min(tile["block_w"], triton.next_power_of_2(k_in // 8))
+    const = dict(G=G, BLOCK_N=tile["block_n"], BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False)
+    pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    names = _w4a16_gemv_kernel.arg_names
+    sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}  # 8B shapes: all are
+    k = triton.compile(ASTSource(_w4a16_gemv_kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=tile["num_warps"], num_stages=2 if k_in // 8 > block_w else 1))
+    usage, loops = sass_report(write_cubin(k, tmp))
+    n, ops, _ = loops[0]
+    weights = tile["block_n"] * block_w * 8 // tile["num_warps"]  # per warp and step
+    return [f"K={k_in}: rows={tile['block_n']} words={block_w} warps={tile['num_warps']}  {usage}",
+            f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights",
+            "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
 def write_cubin(kernel, tmp: str) -> str:
@@ -164,6 +186,11 @@ def main() -> None:
               "spill loads/stores in it"]
     for mode, maxnreg in itertools.product(("int4", "int8"), MAXNREG):
         lines.append(f"  {mode} maxnreg={maxnreg}: " + page_loop_summary(1, mode, tmp, maxnreg=maxnreg))
+    gemv_budget = 4 * SMS * CLOCK_HZ / (COPY_BPS / 16)
+    lines += ["", f"W4A16 GEMV (kernels/w4a16_gemv.py), M=1, the launcher's default tile, 8B input sizes: budget at "
+              f"the H200's copy bandwidth {gemv_budget:.2f} warp instructions per 32 weights"]
+    for k_in in (4096, 14336):
+        lines += ["  " + line for line in gemv_summary(k_in, tmp)]
     text = "\n".join(lines)
     print(text)
     if args.out:
