@@ -176,16 +176,20 @@ def prefill_rows(ctx: int, q_len: int) -> list[dict]:
     return rows
 
 
+def act_as_single_rank() -> None:
+    """vLLM parameters read the tensor-parallel rank at construction: act as a single rank."""
+    import vllm.model_executor.parameter as vllm_param
+
+    vllm_param.get_tensor_model_parallel_rank = lambda: 0
+    vllm_param.get_tensor_model_parallel_world_size = lambda: 1
+
+
 def linear_rows(ms: list[int], copy_gbps: float) -> list[dict]:
     """The draft's W4A16 layers as the draft runs them (draft_weights.W4A16Linear: vLLM's own
     compressed-tensors WNA16 scheme, so `choose_mp_linear_kernel` picks the kernel) against bf16."""
-    import vllm.model_executor.parameter as vllm_param
-
     from vllm_quantspec.draft_weights import W4A16Linear, dequantize, quantize_w4
 
-    # vLLM parameters read the tensor-parallel rank at construction: act as a single rank.
-    vllm_param.get_tensor_model_parallel_rank = lambda: 0
-    vllm_param.get_tensor_model_parallel_world_size = lambda: 1
+    act_as_single_rank()
     rows = []
     for name, (k, n) in LINEARS.items():
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import _w4a16_gemv_kernel, w4a16_gemv  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -71,19 +71,18 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
 def gemv_summary(k_in: int, tmp: str) -> list[str]:
     """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in): its step loop's
     warp instructions per 32 weights and opcode mix."""
-    tile = {n: p.default for n, p in inspect.signature(w4a16_gemv).parameters.items() if n in ("block_n", "block_w", "num_warps")}
-    block_w = min(tile["block_w"], triton.next_power_of_2(k_in // 8))
-    const = dict(G=G, BLOCK_N=tile["block_n"], BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False)
+    block_w, num_stages = step_tile(k_in // 8, G)
+    const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     names = _w4a16_gemv_kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}  # 8B shapes: all are
     k = triton.compile(ASTSource(_w4a16_gemv_kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=tile["num_warps"], num_stages=2 if k_in // 8 > block_w else 1))
+                       options=dict(num_warps=NUM_WARPS, num_stages=num_stages))
     usage, loops = sass_report(write_cubin(k, tmp))
     n, ops, _ = loops[0]
-    weights = tile["block_n"] * block_w * 8 // tile["num_warps"]  # per warp and step
-    return [f"K={k_in}: rows={tile['block_n']} words={block_w} warps={tile['num_warps']}  {usage}",
+    weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
+    return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS}  {usage}",
             f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 

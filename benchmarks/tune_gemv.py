@@ -18,7 +18,7 @@ import sys
 import torch
 import triton
 
-from bench_kernels import LINEARS, timed
+from bench_kernels import LINEARS, act_as_single_rank, timed
 from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
 
 TILES = list(itertools.product((4, 8, 16), (128, 256, 512), (1, 2, 4, 8), (1, 2)))  # rows, words a step, warps, stages
@@ -28,27 +28,12 @@ MS = (1, 2, 4)
 def vllm_w4a16(w: torch.Tensor):
     """vLLM's W4A16 kernel for this weight as the draft builds it, or None without vLLM."""
     try:
-        import vllm.model_executor.parameter as vllm_param
-
+        act_as_single_rank()
         from vllm_quantspec.draft_weights import W4A16Linear, quantize_w4
     except ImportError:
         return None
-    vllm_param.get_tensor_model_parallel_rank = lambda: 0
-    vllm_param.get_tensor_model_parallel_world_size = lambda: 1
     linear = W4A16Linear(quantize_w4(w, 128), torch.bfloat16)
     return type(linear.scheme.kernel).__name__, linear
-
-
-def vector_loads() -> str:
-    """How the compiled kernels load its words: 128-bit loads (ld.global.v4) in its PTX, or not."""
-    from vllm_quantspec.kernels.w4a16_gemv import _w4a16_gemv_kernel
-
-    try:
-        kernels = list(_w4a16_gemv_kernel.device_caches[torch.cuda.current_device()][0].values())
-    except (AttributeError, KeyError, IndexError, TypeError) as e:  # Triton's cache layout is internal
-        return f"not read ({type(e).__name__}: {e})"
-    return ", ".join(sorted({f"v4 loads {c.asm['ptx'].count('ld.global.v4')}, regs {c.n_regs}, spills {c.n_spills}"
-                             for c in kernels}))
 
 
 def main():
@@ -93,7 +78,6 @@ def main():
                   f"{best['block_w']}, warps {best['warps']}, stages {best['stages']}); default {base['default_us']:.1f};"
                   f" bf16 {base['bf16_us']:.1f}" + (f"; {base['vllm_kernel']} {base['vllm_us']:.1f}" if vllm_kernel else ""),
                   flush=True)
-        print(name, "kernels compiled so far:", vector_loads(), flush=True)
         del packed, scale, w, vllm_kernel
     lines = ["| layer (K→N) | M | bf16 µs | vLLM W4A16 µs | GEMV default µs | GEMV best µs (rows, words, warps, stages) | best GB/s |",
              "|---|---|---|---|---|---|---|"]

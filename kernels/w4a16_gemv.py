@@ -99,12 +99,23 @@ def _w4a16_gemv_kernel(x_ptr, sx_m, w_ptr, sw_n, s_ptr, ss_n, bias_ptr, out_ptr,
     tl.store(out_ptr + m * so_m + n, res.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+# The default tile: the H200's best or within 5% of it at M=1 on the 8B draft's linears
+# (benchmarks/results/w4a16-gemv-h200).
+BLOCK_N, BLOCK_W, NUM_WARPS = 8, 512, 4
+
+
+def step_tile(k_words: int, group_size: int, block_w: int = BLOCK_W, num_stages: int | None = None) -> tuple[int, int]:
+    """(words a step, pipeline stages) of a launch over k_words words: at least one scale group, at most
+    what K holds; a second stage prefetches the next step where there is one."""
+    block_w = max(group_size // 8, min(block_w, triton.next_power_of_2(k_words)))
+    return block_w, num_stages or (2 if k_words > block_w else 1)
+
+
 def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.Tensor, group_size: int,
-               bias: torch.Tensor | None = None, *, block_n: int = 8, block_w: int = 512, num_warps: int = 4,
-               num_stages: int | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, *, block_n: int = BLOCK_N, block_w: int = BLOCK_W,
+               num_warps: int = NUM_WARPS, num_stages: int | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp16) @ W.T -> [M, N] in x's dtype, W [N, K] = the dequantized weight whose
-    words `repack` gave `weight_gemv`, scales [N, K / group_size]. The default tile is the H200's best
-    or within 5% of it at M=1 on the 8B draft's linears (benchmarks/results/w4a16-gemv-h200)."""
+    words `repack` gave `weight_gemv`, scales [N, K / group_size]."""
     M, K = x.shape
     N = weight_gemv.shape[0]
     assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
@@ -114,8 +125,7 @@ def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.T
     pairs = x.contiguous().view(torch.int32)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k_words = K // 8
-    block_w = max(group_size // 8, min(block_w, triton.next_power_of_2(k_words)))
-    num_stages = num_stages or (2 if k_words > block_w else 1)  # prefetch the next step where there is one
+    block_w, num_stages = step_tile(k_words, group_size, block_w, num_stages)
     _w4a16_gemv_kernel[(M, triton.cdiv(N, block_n))](
         pairs, pairs.stride(0), weight_gemv, weight_gemv.stride(0), weight_scale, weight_scale.stride(0),
         bias if bias is not None else out, out, out.stride(0), N, k_words,

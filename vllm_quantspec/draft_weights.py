@@ -27,6 +27,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from vllm_quantspec.hierarchical_kv import round_to_dtype
+from vllm_quantspec.kernels.w4a16_gemv import repack, w4a16_gemv
 
 NUM_BITS = 4
 PACK_FACTOR = 32 // NUM_BITS  # int4 values per int32 word
@@ -156,8 +157,6 @@ class GemvW4Linear:
     the traced code would be fixed at the size it was traced with."""
 
     def __init__(self, w4: W4Weight, inner, layer: torch.nn.Module):
-        from vllm_quantspec.kernels.w4a16_gemv import repack
-
         self.weight = repack(w4.weight_packed, w4.group_size)
         self.scale = w4.weight_scale.clone()  # the inner kernel's repacking may replace or permute its own
         self.group_size = w4.group_size
@@ -171,8 +170,6 @@ class GemvW4Linear:
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1:
-            from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
-
             return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias)
         return self.inner.apply(self.layer, x, bias)
 

@@ -239,9 +239,11 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
         from vllm.platforms import current_platform
 
         if not current_platform.is_cuda():
-            key, allowed = (("draft_gemv", "only false") if options.draft_gemv else ("draft_linear_backend", "only 'auto'"))
-            raise _fail(key, f"{allowed} on {current_platform.device_name} (the W4A16 kernels it names need a CUDA "
-                        "GPU)", getattr(options, key))
+            if options.draft_gemv:
+                raise _fail("draft_gemv", f"only false on {current_platform.device_name} (the GEMV needs a CUDA GPU)",
+                            True)
+            raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
+                        "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
     if options.draft_gemv and model_config.dtype not in (torch.bfloat16, torch.float16):
         raise _fail("draft_gemv", f"only false for a {model_config.dtype} model (the GEMV takes bf16/fp16)", True)
     head_dim = model_config.get_head_size()
