@@ -404,6 +404,15 @@ def real_worker(args: argparse.Namespace) -> None:
         }), flush=True)
 
 
+def root_cause(stderr: str) -> str | None:
+    """The engine core's own error line: a failed engine start ends in vLLM's "Engine core initialization
+    failed. See root cause above", which says nothing by itself (the twenty-first session's gemv-acceptance
+    false failures were kept without theirs)."""
+    errors = [line.strip() for line in stderr.splitlines()
+              if re.search(r"\w(Error|Exception)\b.*:", line) and "initialization failed" not in line]
+    return errors[-1][-400:] if errors else None
+
+
 def device_name() -> str:
     """The GPU's name from nvidia-smi, so that this process, which outlives every engine it starts, holds no
     CUDA context beside theirs; "cpu" without a GPU."""
@@ -519,7 +528,7 @@ def main() -> None:
         got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not got:
             print(f"[bench_e2e] {label} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            got.append({"method": method, "gamma": gamma, "failed": proc.stderr[-500:]})
+            got.append({"method": method, "gamma": gamma, "failed": proc.stderr[-500:], "cause": root_cause(proc.stderr)})
         for row in got:
             if uuid:
                 row["gpu_uuid"] = uuid
@@ -598,7 +607,7 @@ def write_real_table_and_plot(result: dict, stem: str) -> None:
         per_pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_pos"] or []) or "–"
         lines.append(f"| {label(r)} | {r['ctx']} | {r['gamma']} | {r['ms_per_token']:.2f} | {speed} | "
                      f"{r['acceptance_rate'] or '–'} | {r['mean_accepted_length'] or '–'} | {per_pos} |")
-    lines += [f"\n{r['method']} γ={r['gamma']} failed: `{r['failed'][-300:].strip()}`"
+    lines += [f"\n{r['method']} γ={r['gamma']} failed: `{(r.get('cause') or r['failed'][-300:]).strip()}`"
               for r in result["rows"] if "failed" in r]
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
     import matplotlib
