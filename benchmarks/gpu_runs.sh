@@ -421,12 +421,14 @@ PY
     ;;
   kernel-times)
     # where a decode token's device time goes, kernel by kernel (profile_step.py --kernels), 8B shape, batch 1, one
-    # engine per method: `kernel-times METHODS CTX` (default hierarchical,bf16 at 32k: issue 4's batch-1 gap)
+    # engine per method: `kernel-times METHODS CTX [gemv]` (default hierarchical,bf16 at 32k: issue 4's batch-1 gap;
+    # gemv: QuantSpec's draft with draft_gemv)
     methods=${2:-hierarchical,bf16}; ctx=${3:-32768}
+    options=$MARLIN; [ "${4:-}" = gemv ] && options='{"draft_linear_backend": "marlin", "draft_gemv": true}'
     for method in ${methods//,/ }; do
       timeout 190 python benchmarks/profile_step.py --method "$method" --ctx "$ctx" --steps 32 --kernels \
         --trace "$OUT/kernel-trace-$method-$ctx-h200.json.gz" \
-        --accept-length "$(accept_length)" --quantspec-options "$MARLIN" 2>&1 | grep -E '^(device|command|\[|\{| )'
+        --accept-length "$(accept_length)" --quantspec-options "$options" 2>&1 | grep -E '^(device|command|\[|\{| )'
     done | tee -a "$RUNS/kernel-times-h200.txt"
     out "$RUNS/kernel-times-h200.txt"
     ;;

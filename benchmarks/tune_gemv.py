@@ -6,7 +6,10 @@ Machete), all in one run. Prints the best tile per (M, layer) and each default t
 
 Weights are random words (the kernel's speed does not depend on their values); timing as
 bench_kernels.py (CUDA-graph replay, L2 flushed before every run). Every tile is timed at M=1; at
-larger M, the 8 fastest tiles of M=1.
+larger M, the 8 fastest tiles of M=1. Then, at M=1, the four linears of CHAIN_LAYERS layers, each layer with its
+own weights, back to back in one CUDA graph as a draft forward runs them: the time per layer there includes
+the launches and the tails of one kernel overlapping the next, as the engine pays them, which a kernel timed
+alone between L2 flushes does not show.
 """
 
 import argparse
@@ -23,6 +26,31 @@ from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
 
 TILES = list(itertools.product((4, 8, 16), (128, 256, 512), (1, 2, 4, 8), (1, 2)))  # rows, words a step, warps, stages
 MS = (1, 2, 4)
+CHAIN_LAYERS = 8  # 0.9 GB of int4 weights: each kernel of the chain reads its weights from HBM, not L2
+
+
+def random_w4(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random int4 weight in the GEMV's layout (its speed does not depend on the values) and its scales."""
+    packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+    return packed, (torch.rand(n, k // 128, device="cuda") * 0.01).to(torch.bfloat16)
+
+
+def chain_us() -> dict[str, float]:
+    """µs per layer of the four linears at M=1, CHAIN_LAYERS layers in one CUDA graph, for the GEMV (default
+    tile), bf16 and vLLM's W4A16 kernel (where vLLM is installed)."""
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k, _ in LINEARS.values()}
+    calls: dict[str, list] = {"gemv": [], "bf16": [], "vllm": []}
+    for _ in range(CHAIN_LAYERS):
+        for k, n in LINEARS.values():
+            packed, scale = random_w4(k, n)
+            w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+            calls["gemv"].append(lambda x=x[k], p=packed, s=scale: w4a16_gemv(x, p, s, 128))
+            calls["bf16"].append(lambda x=x[k], w=w: torch.nn.functional.linear(x, w))
+            vllm_kernel = vllm_w4a16(w)
+            if vllm_kernel:
+                calls["vllm"].append(lambda x=x[k], linear=vllm_kernel[1]: linear.apply(None, x))
+    return {name: timed(lambda fns=fns: [f() for f in fns], rep=30) / CHAIN_LAYERS
+            for name, fns in calls.items() if fns}
 
 
 def vllm_w4a16(w: torch.Tensor):
@@ -47,8 +75,7 @@ def main():
     print(json.dumps(head), flush=True)
     rows, summary = [], []
     for name, (k, n) in LINEARS.items():
-        packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
-        scale = (torch.rand(n, k // 128, device="cuda") * 0.01).to(torch.bfloat16)
+        packed, scale = random_w4(k, n)
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         vllm_kernel = vllm_w4a16(w)
         w4_bytes = packed.numel() * 4 + scale.numel() * 2
@@ -92,9 +119,14 @@ def main():
         vllm_cell = f"{tot['vllm_us']:.1f}" if tot["vllm_us"] else "–"
         lines.append(f"| **sum of four** | {m} | {tot['bf16_us']:.1f} | {vllm_cell} | "
                      f"{tot['default_us']:.1f} | {tot['us']:.1f} | |")
+    chain = chain_us()
+    w4_layer = sum(n * k // 2 + n * k // 128 * 2 for k, n in LINEARS.values())
+    lines += ["", f"The four linears of {CHAIN_LAYERS} layers back to back in one CUDA graph, M=1, µs per layer: "
+              + ", ".join(f"{name} {us:.1f}" for name, us in chain.items())
+              + f" (the GEMV: {w4_layer / chain['gemv'] / 1e3:.0f} GB/s of int4 weights)"]
     print("\n".join(lines), flush=True)
     if args.json:
-        json.dump(dict(head, rows=rows), open(args.json, "w"))
+        json.dump(dict(head, rows=rows, chain_us_per_layer=chain), open(args.json, "w"))
     if args.md:
         open(args.md, "w").write("\n".join(lines) + "\n")
 
