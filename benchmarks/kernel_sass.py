@@ -27,7 +27,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import (  # noqa: E402
+    BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, _w4a16_gemv_persistent_kernel, step_tile)
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -68,22 +69,27 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def gemv_summary(k_in: int, tmp: str) -> list[str]:
+def gemv_summary(k_in: int, tmp: str, kernel=_w4a16_gemv_kernel) -> list[str]:
     """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in): its step loop's
-    warp instructions per 32 weights and opcode mix."""
+    warp instructions per 32 weights and opcode mix, and where its weight loads sit in the loop (the
+    persistent kernel's must come before the arithmetic)."""
     block_w, num_stages = step_tile(k_in // 8, G)
     const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
-    names = _w4a16_gemv_kernel.arg_names
+    names = kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}  # 8B shapes: all are
-    k = triton.compile(ASTSource(_w4a16_gemv_kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=NUM_WARPS, num_stages=num_stages))
     usage, loops = sass_report(write_cubin(k, tmp))
-    n, ops, _ = loops[0]
+    n, ops, _, body = loops[0]
     weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
+    # a 16-byte load of BLOCK_N rows' words is one of the BLOCK_N first 128-bit loads (the activations follow)
+    wide = [i for i, op in enumerate(body) if "LDG.E.128" in op][:BLOCK_N]
+    first_fma = next(i for i, op in enumerate(body) if "FFMA" in op)
     return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS}  {usage}",
-            f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights",
+            f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights; "
+            f"its 128-bit loads at instructions {wide[0]}-{wide[-1]}, the first FFMA at {first_fma}",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
@@ -94,8 +100,8 @@ def write_cubin(kernel, tmp: str) -> str:
 
 
 def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int]]]]:
-    """cuobjdump's resource line, and (instructions, opcode counts, address range) of each loop
-    (backward branch) of the cubin at path."""
+    """cuobjdump's resource line, and (instructions, opcode counts, address range, instructions) of
+    each loop (backward branch) of the cubin at path."""
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
     usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res).group(0)
     sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
@@ -107,7 +113,7 @@ def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int
             lo = int(m.group(1), 16)
             body = [o for a, o in ins if lo <= a <= at]
             loops.append((len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body),
-                          (lo, at)))
+                          (lo, at), body))
     return usage, loops
 
 
@@ -144,7 +150,7 @@ def page_loop_summary(q_len: int, mode: str, tmp: str, block_n: int | None = Non
     and the resource line."""
     k, t = compile_sm90(q_len, mode, block_n, num_warps, maxnreg)
     usage, loops = sass_report(write_cubin(k, tmp))
-    n, ops, _ = loops[0]
+    n, ops, *_ = loops[0]
     return f"{n * t.num_warps / t.block_n:.1f} per token, LDL+STL {ops['LDL'] + ops['STL']}  ({usage})"
 
 
@@ -163,7 +169,7 @@ def main() -> None:
         k, t = compile_sm90(q_len, mode)
         cubin = write_cubin(k, tmp)
         usage, loops = sass_report(cubin)
-        n, ops, span = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
+        n, ops, span, _ = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
         lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps}  {usage}",
                   f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
                   "instructions per token and KV head",
@@ -190,6 +196,10 @@ def main() -> None:
               f"the H200's copy bandwidth {gemv_budget:.2f} warp instructions per 32 weights"]
     for k_in in (4096, 14336):
         lines += ["  " + line for line in gemv_summary(k_in, tmp)]
+    lines += ["", "The persistent GEMV (`programs`, not the default), same tile: it loads the next step's words and scales "
+              "before this step's arithmetic"]
+    for k_in in (4096, 14336):
+        lines += ["  " + line for line in gemv_summary(k_in, tmp, _w4a16_gemv_persistent_kernel)]
     text = "\n".join(lines)
     print(text)
     if args.out:

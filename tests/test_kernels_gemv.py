@@ -51,19 +51,23 @@ def _check_random(m: int, n: int, k: int, group: int, dtype: torch.dtype, bias: 
     assert err < 1e-4 + torch.finfo(dtype).eps, float(err)
 
 
+# programs=2: the persistent kernel, each program striding over several row blocks (prefetching across
+# steps and blocks); None: one program per row block
+@pytest.mark.parametrize("programs", [None, 2])
 @pytest.mark.parametrize("group,block_w", [(128, 32), (64, 16), (32, 64)])
-def test_gemv_reads_every_column(group, block_w):
-    # 40 rows: five 8-row programs; K = 512 (64 words): 1-4 steps; columns of every nibble, word, group and step
+def test_gemv_reads_every_column(group, block_w, programs):
+    # 40 rows: five 8-row blocks; K = 512 (64 words): 1-4 steps; columns of every nibble, word, group and step
     k = 512
     cols = sorted({0, 1, 2, 3, 7, 8, 15, 16, 63, 64, 100, group - 1, group, group + 9, 255, 256, k - 8, k - 2, k - 1})
-    _check_columns(40, k, group, torch.bfloat16, cols, block_w=block_w)
+    _check_columns(40, k, group, torch.bfloat16, cols, block_w=block_w, programs=programs)
 
 
+@pytest.mark.parametrize("programs", [None, 3])
 @pytest.mark.parametrize("m,dtype,bias", [(1, torch.bfloat16, False), (3, torch.bfloat16, True),
                                           (2, torch.float16, True), (4, torch.float16, False)])
-def test_gemv_matches_torch(m, dtype, bias):
-    # N = 36: the last program's rows are partly masked; K = 896 = 7 groups: the last step partly masked
-    _check_random(m, 36, 896, 128, dtype, bias, block_w=64)
+def test_gemv_matches_torch(m, dtype, bias, programs):
+    # N = 36: the last block's rows are partly masked; K = 896 = 7 groups: the last step partly masked
+    _check_random(m, 36, 896, 128, dtype, bias, block_w=64, programs=programs)
 
 
 def test_repack_keeps_every_code():
@@ -81,9 +85,11 @@ def test_repack_keeps_every_code():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 264])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)])
-def test_gemv_matches_torch_gpu(k, n):
-    """The 8B draft's linears (qkv, o, gate_up, down) with the default tiles, M = 1..4, bf16."""
+def test_gemv_matches_torch_gpu(k, n, programs):
+    """The 8B draft's linears (qkv, o, gate_up, down) with the default tiles, M = 1..4, bf16; also the
+    persistent kernel at two programs per H100/H200 SM."""
     for m in range(1, 5):
-        _check_random(m, n, k, 128, torch.bfloat16, bias=False)
-    _check_columns(n, k, 128, torch.bfloat16, [0, 1, 7, 8, 127, 128, 1000, k - 1])
+        _check_random(m, n, k, 128, torch.bfloat16, bias=False, programs=programs)
+    _check_columns(n, k, 128, torch.bfloat16, [0, 1, 7, 8, 127, 128, 1000, k - 1], programs=programs)
