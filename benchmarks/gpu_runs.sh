@@ -451,8 +451,12 @@ PY
     out "$RUNS"/pytest-gemv-h200.txt "$RUNS"/w4a16-gemv-h200.*
     ;;
   batch1-gemv)
+    # `batch1-gemv marlin`: QuantSpec on Marlin alone; `batch1-gemv lm-head`: with the draft's int4 lm_head on the
+    # GEMV too (quantize_lm_head: 4x fewer lm_head bytes per draft step; its acceptance cost is not in these rows)
     options='{"draft_linear_backend": "marlin", "draft_gemv": true}'; methods=quantspec,bf16; name=batch1-gemv
     [ "${2:-}" = marlin ] && options=$MARLIN && methods=quantspec && name=batch1-marlin
+    [ "${2:-}" = lm-head ] && methods=quantspec && name=batch1-gemv-lm-head \
+      && options='{"draft_linear_backend": "marlin", "draft_gemv": true, "quantize_lm_head": true}'
     python benchmarks/bench_e2e.py --part synthetic --methods $methods --points 1x4096,1x32768,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
