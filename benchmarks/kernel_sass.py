@@ -84,12 +84,12 @@ def gemv_summary(k_in: int, tmp: str, kernel=_w4a16_gemv_kernel) -> list[str]:
     usage, loops = sass_report(write_cubin(k, tmp))
     n, ops, _, body = loops[0]
     weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
-    # a 16-byte load of BLOCK_N rows' words is one of the BLOCK_N first 128-bit loads (the activations follow)
-    wide = [i for i, op in enumerate(body) if "LDG.E.128" in op][:BLOCK_N]
+    # 128-bit loads (the rows' words, and the activations as pairs) issued before the arithmetic starts
     first_fma = next(i for i, op in enumerate(body) if "FFMA" in op)
+    early = [i for i, op in enumerate(body[:first_fma]) if "LDG.E.128" in op]
     return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS}  {usage}",
             f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights; "
-            f"its 128-bit loads at instructions {wide[0]}-{wide[-1]}, the first FFMA at {first_fma}",
+            f"{len(early)} 128-bit loads before its first FFMA (at {first_fma}): instructions {early[0]}-{early[-1]}",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
@@ -99,7 +99,7 @@ def write_cubin(kernel, tmp: str) -> str:
     return path
 
 
-def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int]]]]:
+def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int], list[str]]]]:
     """cuobjdump's resource line, and (instructions, opcode counts, address range, instructions) of
     each loop (backward branch) of the cubin at path."""
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout

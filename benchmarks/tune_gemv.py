@@ -6,11 +6,12 @@ Machete), all in one run. Prints the best tile per (M, layer) and each default t
 
 Weights are random words (the kernel's speed does not depend on their values); timing as
 bench_kernels.py (CUDA-graph replay, L2 flushed before every run). Every tile is timed at M=1; at
-larger M, the 8 fastest tiles of M=1. The tiles include the persistent kernel (`programs`: 1-6 programs per
-SM, each loading its next step before computing this one). Then, at M=1, the four linears of CHAIN_LAYERS layers, each layer with its
-own weights, back to back in one CUDA graph as a draft forward runs them: the time per layer there includes
-the launches and the tails of one kernel overlapping the next, as the engine pays them, which a kernel timed
-alone between L2 flushes does not show.
+larger M, the 8 fastest tiles of M=1. The tiles include the persistent kernel (`programs`: 1-6
+programs per SM, each loading its next step before computing this one). Then, at M=1, the four
+linears of CHAIN_LAYERS layers, each layer with its own weights, back to back in one CUDA graph as a
+draft forward runs them: the time per layer there includes the launches and the tails of one kernel
+overlapping the next, as the engine pays them, which a kernel timed alone between L2 flushes does
+not show.
 """
 
 import argparse
