@@ -100,7 +100,7 @@
 #                (lm-head: the draft with an int4 lm_head)
 #   gemv         the W4A16 GEMV (kernels/w4a16_gemv.py): its GPU tests, then tune_gemv.py (tiles at M = 1, 2, 4, against
 #                bf16 and vLLM's Marlin in the same run)
-#   batch1-gemv [marlin]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
+#   batch1-gemv [marlin|lm-head|persistent N]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
 #                (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine)
 #   gemv-acceptance [true|false]  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and (or)
 #                without draft_gemv
@@ -457,6 +457,9 @@ PY
     [ "${2:-}" = marlin ] && options=$MARLIN && methods=quantspec && name=batch1-marlin
     [ "${2:-}" = lm-head ] && methods=quantspec && name=batch1-gemv-lm-head \
       && options='{"draft_linear_backend": "marlin", "draft_gemv": true, "quantize_lm_head": true}'
+    # `batch1-gemv persistent N`: QuantSpec with the GEMV's persistent kernel at N programs per SM
+    [ "${2:-}" = persistent ] && methods=quantspec && name=batch1-gemv-persistent$3 \
+      && export QUANTSPEC_GEMV_PROGRAMS_PER_SM=$3
     python benchmarks/bench_e2e.py --part synthetic --methods $methods --points 1x4096,1x32768,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
@@ -467,7 +470,8 @@ PY
     for gemv in $(echo ${2:-true,false} | tr , ' '); do
       python benchmarks/bench_e2e.py --part real --model "$MODEL" --ctxs 1024,4096,8192 --methods quantspec --gammas 4 \
         --quantspec-options "{\"draft_linear_backend\": \"marlin\", \"draft_gemv\": $gemv}" \
-        --out "$RUNS/gemv-acceptance-$gemv" --resume --time-budget 200 2>&1 | grep -v '^{' | tail -8
+        --out "$RUNS/gemv-acceptance-$gemv" --resume --time-budget 200 2>&1 | tee "$OUT/gemv-acceptance-$gemv.log" \
+        | grep -v '^{' | tail -8
       out_renamed "$RUNS/gemv-acceptance-$gemv/e2e-real-h200" "e2e-real-gemv-$gemv-h200"
     done
     ;;

@@ -20,6 +20,7 @@ symmetric scale that keeps both +absmax and -absmax inside (it is also compresse
 Hence |w - q*s| <= s/2 for every element (up to fp32 rounding of w / s).
 """
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -137,6 +138,10 @@ W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kerne
 # a SymInt, which indexes a list but is no dict key); weak, so that a freed draft (another LLM in the
 # same process) takes its weights with it
 _GEMV_LINEARS: list[weakref.ref] = []
+# A measurement knob, not an option: programs per SM for the GEMV's persistent kernel (unset: the default
+# one-program-per-row-block kernel), so that one GPU session can time both end to end
+# (benchmarks/gpu_runs.sh batch1-gemv persistent N) before one of them becomes the only one.
+GEMV_PROGRAMS_PER_SM = "QUANTSPEC_GEMV_PROGRAMS_PER_SM"
 
 
 @torch.library.custom_op("quantspec::draft_linear", mutates_args=())
@@ -162,6 +167,9 @@ class GemvW4Linear:
         self.group_size = w4.group_size
         self.out_features = w4.shape[0]
         self.inner, self.layer = inner, layer
+        per_sm = os.environ.get(GEMV_PROGRAMS_PER_SM)
+        self.programs = None if not per_sm else int(per_sm) * torch.cuda.get_device_properties(
+            self.weight.device).multi_processor_count
         self.index = len(_GEMV_LINEARS)
         _GEMV_LINEARS.append(weakref.ref(self))
 
@@ -170,7 +178,7 @@ class GemvW4Linear:
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1:
-            return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias)
+            return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias, programs=self.programs)
         return self.inner.apply(self.layer, x, bias)
 
 
