@@ -54,6 +54,11 @@
 #   twentieth session: benchmarks/tune_gemv.py twice on a bare machine (no vLLM); calls 1-3, the third with `gemv`;
 #   `batch1-gemv`, `batch1-gemv marlin` (both with the draft padded to 5 tokens at batch 1, so the GEMV never ran: fixed),
 #   again after the fix; .gpu/m1, .gpu/m2 + `gemv-acceptance true`
+#   twenty-first session: calls 1-3 (`gemv`), `batch1-gemv`, .gpu/m1, .gpu/m2 + `gemv-acceptance true,false` (false failed
+#   at start, twice), `backend-tests`, `kernel-tests`
+#   twenty-second session: calls 1-3 (`gemv`: the persistent GEMV slower, removed), .gpu/m1, .gpu/m2 + `gemv-acceptance
+#   false` (started this time), `kernel-times quantspec 4096 gemv`, `agreement-async`; after the bf16x2 GEMV, a fresh
+#   machine: calls 1-3 (`gemv`), `batch1-gemv`, .gpu/m1, .gpu/m2 + `gemv-acceptance true`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -98,9 +103,9 @@
 #                scheduling), bf16, fp8 KV and draft_model at batch 1, 4 and 16 x 4k-128k
 #   batch1 [lm-head]  bench_e2e.py synthetic, batch 1 x 4k-128k: QuantSpec (γ=4) and bf16, as part-b runs them
 #                (lm-head: the draft with an int4 lm_head)
-#   gemv         the W4A16 GEMV (kernels/w4a16_gemv.py): its GPU tests, then tune_gemv.py (tiles at M = 1, 2, 4, against
-#                bf16 and vLLM's Marlin in the same run)
-#   batch1-gemv [marlin|lm-head|persistent N]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
+#   gemv         the W4A16 GEMV (kernels/w4a16_gemv.py): its GPU tests, then tune_gemv.py (tiles of both arithmetic modes
+#                at M = 1, 2, 4, and 8 layers' linears in one CUDA graph, against bf16 and vLLM's Marlin in the same run)
+#   batch1-gemv [marlin|lm-head]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
 #                (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine)
 #   gemv-acceptance [true|false]  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and (or)
 #                without draft_gemv
@@ -449,6 +454,14 @@ PY
     (cd benchmarks && VLLM_DISABLED_KERNELS=MacheteLinearKernel timeout 300 python tune_gemv.py \
       --json "$RUNS/w4a16-gemv-h200.json" --md "$RUNS/w4a16-gemv-h200.md") 2>&1 | grep -v '^skip' | tail -25
     out "$RUNS"/pytest-gemv-h200.txt "$RUNS"/w4a16-gemv-h200.*
+    # Nsight Compute on each default launch (qkv, gate_up; fp32, then bf16x2): is the GEMV bound by its bytes or by
+    # issuing its instructions (kernel-sass-sm90: 3.6 and 2.9 warp instructions per 32 weights, 3.9 at copy bandwidth)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    (cd benchmarks && timeout 120 "$NCU" --clock-control none -k regex:_w4a16_gemv_kernel --section SpeedOfLight \
+      --section Occupancy --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python tune_gemv.py --profile) > "$OUT/ncu-gemv-h200.txt" 2>&1
+    grep -E "_w4a16_gemv_kernel|DRAM Throughput|Memory Throughput|Duration|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per" \
+      "$OUT/ncu-gemv-h200.txt" | head -60
     ;;
   batch1-gemv)
     # `batch1-gemv marlin`: QuantSpec on Marlin alone; `batch1-gemv lm-head`: with the draft's int4 lm_head on the
@@ -457,9 +470,6 @@ PY
     [ "${2:-}" = marlin ] && options=$MARLIN && methods=quantspec && name=batch1-marlin
     [ "${2:-}" = lm-head ] && methods=quantspec && name=batch1-gemv-lm-head \
       && options='{"draft_linear_backend": "marlin", "draft_gemv": true, "quantize_lm_head": true}'
-    # `batch1-gemv persistent N`: QuantSpec with the GEMV's persistent kernel at N programs per SM
-    [ "${2:-}" = persistent ] && methods=quantspec && name=batch1-gemv-persistent$3 \
-      && export QUANTSPEC_GEMV_PROGRAMS_PER_SM=$3
     python benchmarks/bench_e2e.py --part synthetic --methods $methods --points 1x4096,1x32768,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'

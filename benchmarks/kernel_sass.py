@@ -27,8 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import (  # noqa: E402
-    BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, _w4a16_gemv_persistent_kernel, step_tile)
+from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -69,12 +68,13 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def gemv_summary(k_in: int, tmp: str, kernel=_w4a16_gemv_kernel) -> list[str]:
-    """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in): its step loop's
-    warp instructions per 32 weights and opcode mix, and where its weight loads sit in the loop (the
-    persistent kernel's must come before the arithmetic)."""
+def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False) -> list[str]:
+    """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in), in fp32 or bf16x2
+    arithmetic: its step loop's warp instructions per 32 weights and opcode mix, and how many of its
+    weight loads are issued before the arithmetic starts."""
+    kernel = _w4a16_gemv_kernel
     block_w, num_stages = step_tile(k_in // 8, G)
-    const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False)
+    const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False, BF16X2=bf16x2, USE_ASM=True)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     names = kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
@@ -85,11 +85,11 @@ def gemv_summary(k_in: int, tmp: str, kernel=_w4a16_gemv_kernel) -> list[str]:
     n, ops, _, body = loops[0]
     weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
     # 128-bit loads (the rows' words, and the activations as pairs) issued before the arithmetic starts
-    first_fma = next(i for i, op in enumerate(body) if "FFMA" in op)
+    first_fma = next(i for i, op in enumerate(body) if "FMA" in op)
     early = [i for i, op in enumerate(body[:first_fma]) if "LDG.E.128" in op]
     return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS}  {usage}",
             f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights; "
-            f"{len(early)} 128-bit loads before its first FFMA (at {first_fma}): instructions {early[0]}-{early[-1]}",
+            f"{len(early)} 128-bit loads before its first FMA (at {first_fma}): instructions {early[0]}-{early[-1]}",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
@@ -194,12 +194,10 @@ def main() -> None:
     gemv_budget = 4 * SMS * CLOCK_HZ / (COPY_BPS / 16)
     lines += ["", f"W4A16 GEMV (kernels/w4a16_gemv.py), M=1, the launcher's default tile, 8B input sizes: budget at "
               f"the H200's copy bandwidth {gemv_budget:.2f} warp instructions per 32 weights"]
-    for k_in in (4096, 14336):
-        lines += ["  " + line for line in gemv_summary(k_in, tmp)]
-    lines += ["", "The persistent GEMV (`programs`, not the default), same tile: it loads the next step's words and scales "
-              "before this step's arithmetic"]
-    for k_in in (4096, 14336):
-        lines += ["  " + line for line in gemv_summary(k_in, tmp, _w4a16_gemv_persistent_kernel)]
+    for bf16x2 in (False, True):
+        lines += [f"  {'bf16x2' if bf16x2 else 'fp32'} arithmetic:"]
+        for k_in in (4096, 14336):
+            lines += ["    " + line for line in gemv_summary(k_in, tmp, bf16x2)]
     text = "\n".join(lines)
     print(text)
     if args.out:

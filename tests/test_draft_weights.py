@@ -158,19 +158,21 @@ def test_derived_draft_linear_takes_the_target_bias():
 
 def test_gemv_linear_runs_batch_1_on_the_gemv_and_larger_batches_on_the_inner_kernel():
     """GemvW4Linear (draft_gemv): one token on the plugin's GEMV, more on the layer's own kernel, decided
-    per call inside its custom op, so one graph compiled for every batch size still takes both paths."""
+    per call inside its custom op, so one graph compiled for every batch size still takes both paths;
+    a bf16 model's GEMV in bf16x2 arithmetic."""
     from vllm_quantspec.draft_weights import GemvW4Linear
     from vllm_quantspec.kernels.w4a16_gemv import repack, w4a16_gemv
 
     gen = torch.Generator().manual_seed(5)
     w4 = quantize_w4(student_t2((24, 256), gen) * 0.02, 64, scale_dtype=torch.bfloat16)
     inner = DequantizedW4Linear(w4, torch.bfloat16)
-    method = GemvW4Linear(w4, inner, None)
+    method = GemvW4Linear(w4, inner, None, torch.bfloat16)
     bias = torch.randn(24, generator=gen).bfloat16()
     compiled = torch.compile(lambda x: method.apply(None, x, bias), dynamic=True, fullgraph=True)
     for run in (lambda x: method.apply(None, x, bias), compiled):
         x1, x3 = (torch.randn(m, 256, generator=gen).bfloat16() for m in (1, 3))
-        assert torch.equal(run(x1), w4a16_gemv(x1, repack(w4.weight_packed, 64), w4.weight_scale, 64, bias))
+        assert torch.equal(run(x1), w4a16_gemv(x1, repack(w4.weight_packed, 64, bf16x2=True), w4.weight_scale, 64,
+                                               bias, bf16x2=True))
         assert torch.equal(run(x3), inner.apply(None, x3, bias))
 
 
@@ -182,7 +184,7 @@ def test_gemv_linear_is_freed_with_its_draft():
     from vllm_quantspec import draft_weights
 
     w4 = quantize_w4(_weights("normal", 16, 64), 32, scale_dtype=torch.bfloat16)
-    method = draft_weights.GemvW4Linear(w4, DequantizedW4Linear(w4, torch.bfloat16), None)
+    method = draft_weights.GemvW4Linear(w4, DequantizedW4Linear(w4, torch.bfloat16), None, torch.bfloat16)
     index = method.index
     assert draft_weights._GEMV_LINEARS[index]() is method
     del method

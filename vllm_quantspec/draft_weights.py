@@ -20,7 +20,6 @@ symmetric scale that keeps both +absmax and -absmax inside (it is also compresse
 Hence |w - q*s| <= s/2 for every element (up to fp32 rounding of w / s).
 """
 
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -138,10 +137,6 @@ W4A16_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what vLLM's W4A16 kerne
 # a SymInt, which indexes a list but is no dict key); weak, so that a freed draft (another LLM in the
 # same process) takes its weights with it
 _GEMV_LINEARS: list[weakref.ref] = []
-# A measurement knob, not an option: programs per SM for the GEMV's persistent kernel (unset: the default
-# one-program-per-row-block kernel), so that one GPU session can time both end to end
-# (benchmarks/gpu_runs.sh batch1-gemv persistent N) before one of them becomes the only one.
-GEMV_PROGRAMS_PER_SM = "QUANTSPEC_GEMV_PROGRAMS_PER_SM"
 
 
 @torch.library.custom_op("quantspec::draft_linear", mutates_args=())
@@ -159,17 +154,16 @@ class GemvW4Linear:
     batches run vLLM's W4A16 kernel (`inner`, the layer's own quant_method), each on its own copy of
     the int4 weights. Stands in as the layer's ``quant_method``. The choice by batch size is made
     inside one opaque custom op: vLLM compiles the draft once for every batch size, so a branch in
-    the traced code would be fixed at the size it was traced with."""
+    the traced code would be fixed at the size it was traced with. A bf16 model's GEMV does its
+    arithmetic in bf16x2 (two weights an instruction; kernels/w4a16_gemv.py), an fp16 model's in fp32."""
 
-    def __init__(self, w4: W4Weight, inner, layer: torch.nn.Module):
-        self.weight = repack(w4.weight_packed, w4.group_size)
+    def __init__(self, w4: W4Weight, inner, layer: torch.nn.Module, activation_dtype: torch.dtype):
+        self.bf16x2 = activation_dtype == torch.bfloat16
+        self.weight = repack(w4.weight_packed, w4.group_size, self.bf16x2)
         self.scale = w4.weight_scale.clone()  # the inner kernel's repacking may replace or permute its own
         self.group_size = w4.group_size
         self.out_features = w4.shape[0]
         self.inner, self.layer = inner, layer
-        per_sm = os.environ.get(GEMV_PROGRAMS_PER_SM)
-        self.programs = None if not per_sm else int(per_sm) * torch.cuda.get_device_properties(
-            self.weight.device).multi_processor_count
         self.index = len(_GEMV_LINEARS)
         _GEMV_LINEARS.append(weakref.ref(self))
 
@@ -178,7 +172,7 @@ class GemvW4Linear:
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1:
-            return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias, programs=self.programs)
+            return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias, bf16x2=self.bf16x2)
         return self.inner.apply(self.layer, x, bias)
 
 

@@ -90,7 +90,7 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
             if getattr(module, "bias", None) is not None:  # e.g. Qwen2's qkv_proj: the draft's own was never loaded
                 module.bias = target_modules[name].bias
             if activation_dtype in W4A16_KERNEL_DTYPES:
-                gemv_method = GemvW4Linear(w4, module.quant_method, module) if gemv else None
+                gemv_method = GemvW4Linear(w4, module.quant_method, module, activation_dtype) if gemv else None
                 for key, tensor in w4.state_dict().items():
                     getattr(module, key).data = tensor  # the parameter keeps its vLLM loader attributes
                 module.quant_method.process_weights_after_loading(module)  # repack for the chosen kernel
@@ -110,7 +110,7 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
         w4 = quantize_w4(head.weight.data, lm_head_group)
         head.quant_method = int4_method(w4, activation_dtype)
         if gemv:
-            head.quant_method = GemvW4Linear(w4, head.quant_method, head)
+            head.quant_method = GemvW4Linear(w4, head.quant_method, head, activation_dtype)
         draft.lm_head = head
         quantized += 1
     return quantized
