@@ -31,7 +31,7 @@ from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
 
 # rows, words a step, warps, stages, bf16x2
 TILES = [(*tile, False) for tile in itertools.product((8, 16), (256, 512), (2, 4), (1, 2))]
-TILES += [(*tile, True) for tile in itertools.product((8, 16, 32), (128, 256, 512), (2, 4, 8), (1, 2, 3))]
+TILES += [(*tile, True) for tile in itertools.product((8, 16), (256, 512), (2, 4, 8), (1, 2, 3))]
 MS = (1, 2, 4)
 CHAIN_LAYERS = 8  # 0.9 GB of int4 weights: each kernel of the chain reads its weights from HBM, not L2
 
