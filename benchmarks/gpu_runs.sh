@@ -448,7 +448,7 @@ PY
     out_renamed "$RUNS/$name/e2e-h200" "e2e-$name-h200"
     ;;
   gemv)
-    timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gemv.py 2>&1 | tail -5 \
+    timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gemv.py 2>&1 | tail -5 \
       | tee "$RUNS/pytest-gemv-h200.txt"
     # Marlin where vLLM would pick Machete: what the draft runs (MARLIN above)
     (cd benchmarks && VLLM_DISABLED_KERNELS=MacheteLinearKernel timeout 300 python tune_gemv.py \

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, BLOCK_W, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -68,13 +68,16 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False) -> list[str]:
-    """The W4A16 GEMV at the launcher's default tile (M=1, bf16, G=128, K = k_in), in fp32 or bf16x2
-    arithmetic: its step loop's warp instructions per 32 weights and opcode mix, and how many of its
-    weight loads are issued before the arithmetic starts."""
+def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int = BLOCK_W,
+                 stages: int | None = None) -> list[str]:
+    """The W4A16 GEMV at the launcher's default tile (or these words a step and stages; M=1, bf16, G=128,
+    K = k_in), in fp32 or bf16x2 arithmetic: its step loop's warp instructions per 32 weights and opcode mix,
+    and how many of its weight loads are issued before the arithmetic starts (global loads; a pipelined loop
+    copies the next steps' words to shared memory instead, LDGSTS, and reads them back, LDS)."""
     kernel = _w4a16_gemv_kernel
-    block_w, num_stages = step_tile(k_in // 8, G)
-    const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False, BF16X2=bf16x2, USE_ASM=True)
+    block_w, num_stages = step_tile(k_in // 8, G, block_w, stages)
+    const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False, BF16X2=bf16x2, USE_ASM=True,
+                 STAGES=num_stages)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     names = kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
@@ -86,10 +89,11 @@ def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False) -> list[str]:
     weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
     # 128-bit loads (the rows' words, and the activations as pairs) issued before the arithmetic starts
     first_fma = next(i for i, op in enumerate(body) if "FMA" in op)
-    early = [i for i, op in enumerate(body[:first_fma]) if "LDG.E.128" in op]
-    return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS}  {usage}",
+    early = [i for i, op in enumerate(body[:first_fma]) if "LDG.E.128" in op or "LDGSTS.E.BYPASS.128" in op]
+    where = f"instructions {early[0]}-{early[-1]}" if early else "none"
+    return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS} stages={num_stages}  {usage}",
             f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights; "
-            f"{len(early)} 128-bit loads before its first FMA (at {first_fma}): instructions {early[0]}-{early[-1]}",
+            f"{len(early)} 128-bit loads (or copies to shared memory) before its first FMA (at {first_fma}): {where}",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
@@ -198,6 +202,8 @@ def main() -> None:
         lines += [f"  {'bf16x2' if bf16x2 else 'fp32'} arithmetic:"]
         for k_in in (4096, 14336):
             lines += ["    " + line for line in gemv_summary(k_in, tmp, bf16x2)]
+    lines += ["  bf16x2, steps of 128 words pipelined over 3 stages (not the default; tune_gemv.py sweeps the stages):"]
+    lines += ["    " + line for line in gemv_summary(4096, tmp, True, 128, 3)]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -10,7 +10,9 @@ Weights are random words (the kernel's speed does not depend on their values); t
 bench_kernels.py (CUDA-graph replay, L2 flushed before every run). Every tile is timed at M=1; at
 larger M, the 8 fastest tiles of M=1. Tiles of both arithmetic modes (fp32 and bf16x2): a few of
 fp32's (its full sweep: w4a16-gemv-h200 before the bf16x2 mode, in git history), bf16x2's over more
-step sizes and pipeline stages, since its fewer registers leave room for them. Then, at M=1, the four
+step sizes and pipeline stages (stages > 1: the compiler copies the next steps' words to shared memory while
+a step computes; until the twenty-second session the loop was a plain range, which is never pipelined, so earlier
+sweeps' stages made no difference), since its fewer registers leave room for them. Then, at M=1, the four
 linears of CHAIN_LAYERS layers, each layer with its own weights, back to back in one CUDA graph as a
 draft forward runs them: the time per layer there includes the launches and the tails of one kernel
 overlapping the next, as the engine pays them, which a kernel timed alone between L2 flushes does
@@ -31,7 +33,7 @@ from vllm_quantspec.kernels.w4a16_gemv import w4a16_gemv
 
 # rows, words a step, warps, stages, bf16x2
 TILES = [(*tile, False) for tile in itertools.product((8, 16), (256, 512), (2, 4), (1, 2))]
-TILES += [(*tile, True) for tile in itertools.product((8, 16), (256, 512), (2, 4, 8), (1, 2, 3))]
+TILES += [(*tile, True) for tile in itertools.product((8, 16), (128, 256, 512), (2, 4, 8), (1, 2, 3, 4))]
 MS = (1, 2, 4)
 CHAIN_LAYERS = 8  # 0.9 GB of int4 weights: each kernel of the chain reads its weights from HBM, not L2
 

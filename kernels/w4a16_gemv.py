@@ -179,7 +179,7 @@ def _store_rows(acc, bias_ptr, out_ptr, n0, N, HAS_BIAS: tl.constexpr, BLOCK_N: 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, sx_m, w_ptr, sw_n, s_ptr, ss_n, bias_ptr, out_ptr, so_m, N, k_words, one_bits,
                        G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, X_BF16: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BF16X2: tl.constexpr, USE_ASM: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BF16X2: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * q[n, k] * s[n, k // G] (+ bias[n]) for activation row m =
     program_id(0) and rows [BLOCK_N) of program_id(1), BLOCK_W words (BLOCK_W / (G/8) groups) a step.
     x_ptr addresses the activations as 32-bit pairs (sx_m in pairs)."""
@@ -189,7 +189,7 @@ def _w4a16_gemv_kernel(x_ptr, sx_m, w_ptr, sw_n, s_ptr, ss_n, bias_ptr, out_ptr,
     kw = tl.arange(0, BLOCK_W)
     x_pairs = x_ptr + m * sx_m + (kw // WPG) * (4 * WPG) + kw % WPG  # pair p = 0 of each word
     acc = tl.zeros([BLOCK_N, BLOCK_W // WPG], tl.float32)
-    for w0 in range(0, k_words, BLOCK_W):
+    for w0 in tl.range(0, k_words, BLOCK_W, num_stages=STAGES):  # (a plain range is never pipelined)
         words, scale = _load_step(w_ptr, sw_n, s_ptr, ss_n, N, k_words, n0, w0, G, BLOCK_N, BLOCK_W)
         if BF16X2:
             acc += _step_dot_bf16x2(words, scale, x_pairs + 4 * w0, w0 + kw < k_words, G, BLOCK_N, BLOCK_W, USE_ASM)
@@ -205,9 +205,10 @@ BLOCK_N, BLOCK_W, NUM_WARPS = 8, 512, 4
 
 def step_tile(k_words: int, group_size: int, block_w: int = BLOCK_W, num_stages: int | None = None) -> tuple[int, int]:
     """(words a step, pipeline stages) of a launch over k_words words: at least one scale group, at most
-    what K holds; a second stage prefetches the next step where there is one."""
-    block_w = max(group_size // 8, min(block_w, triton.next_power_of_2(k_words)))
-    return block_w, num_stages or (2 if k_words > block_w else 1)
+    what K holds. Stages > 1 have the compiler pipeline the steps (the next steps' words copied into shared
+    memory while this one computes, cp.async); 1 by default, the measured setting (w4a16-gemv-h200: before
+    the loop took `tl.range`, the stages had no effect, so every default there ran unpipelined)."""
+    return max(group_size // 8, min(block_w, triton.next_power_of_2(k_words))), num_stages or 1
 
 
 def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.Tensor, group_size: int,
@@ -230,5 +231,5 @@ def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.T
         bias if bias is not None else out, out, out.stride(0), N, k_words, ONE_BITS,
         G=group_size, BLOCK_N=block_n, BLOCK_W=block_w, X_BF16=x.dtype == torch.bfloat16,
         HAS_BIAS=bias is not None, BF16X2=bf16x2, USE_ASM=os.environ.get("TRITON_INTERPRET", "0") != "1",
-        num_warps=num_warps, num_stages=num_stages)
+        STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -61,10 +61,11 @@ def _check_random(m: int, n: int, k: int, group: int, dtype: torch.dtype, bias: 
 @pytest.mark.parametrize("bf16x2", [False, True])
 @pytest.mark.parametrize("group,block_w", [(128, 32), (64, 16), (32, 64)])
 def test_gemv_reads_every_column(group, block_w, bf16x2):
-    # 40 rows: five 8-row blocks; K = 512 (64 words): 1-4 steps; columns of every nibble, word, group and step
+    # 40 rows: five 8-row blocks; K = 512 (64 words): 1-4 steps (pipelined over 2 stages where there are
+    # several); columns of every nibble, word, group and step
     k = 512
     cols = sorted({0, 1, 2, 3, 7, 8, 15, 16, 63, 64, 100, group - 1, group, group + 9, 255, 256, k - 8, k - 2, k - 1})
-    _check_columns(40, k, group, torch.bfloat16, cols, bf16x2=bf16x2, block_w=block_w)
+    _check_columns(40, k, group, torch.bfloat16, cols, bf16x2=bf16x2, block_w=block_w, num_stages=2)
 
 
 @pytest.mark.parametrize("m,dtype,bias,bf16x2", [(1, torch.bfloat16, False, False), (3, torch.bfloat16, True, False),
@@ -100,3 +101,14 @@ def test_gemv_matches_torch_gpu(k, n, bf16x2):
     for m in range(1, 5):
         _check_random(m, n, k, 128, torch.bfloat16, bias=False, bf16x2=bf16x2)
     _check_columns(n, k, 128, torch.bfloat16, [0, 1, 7, 8, 127, 128, 1000, k - 1], bf16x2=bf16x2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16x2", [False, True])
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+def test_gemv_pipelined_gpu(k, n, bf16x2):
+    """Steps of 128 words pipelined over 3 stages (the compiler's copies to shared memory), a tile tune_gemv
+    sweeps: 4 and 14 steps a program."""
+    _check_random(1, n, k, 128, torch.bfloat16, bias=False, bf16x2=bf16x2, block_w=128, num_stages=3)
+    _check_columns(n, k, 128, torch.bfloat16, [0, 1, 7, 8, 127, 128, 1000, k - 1], bf16x2=bf16x2, block_w=128,
+                   num_stages=3)
