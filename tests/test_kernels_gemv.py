@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from heavy_tails import student_t2  # noqa: E402
 
-from vllm_quantspec.draft_weights import W4Weight, dequantize, pack_int4, quantize_w4  # noqa: E402
+from vllm_quantspec.draft_weights import W4Weight, bf16x2_linear, dequantize, pack_int4, quantize_w4  # noqa: E402
 from vllm_quantspec.kernels.w4a16_gemv import repack, w4a16_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,15 +47,22 @@ def _check_random(m: int, n: int, k: int, group: int, dtype: torch.dtype, bias: 
     spacing each: Triton's interpreter truncates to bfloat16). bf16x2 rounds every product and each
     word's running sum to bf16 (8 bits): a relative error of about 2^-8 per word's sum, which adds up
     over a row's words like noise, so the whole row stays within 2^-7 (the interpreter truncates,
-    which errs the same way every time: its bound is 2^-6)."""
+    which errs the same way every time: its bound is 2^-6). Against its own torch twin
+    (draft_weights.bf16x2_linear: the same roundings, rounding to nearest) the GPU kernel differs only
+    where another fp32 summation order flips a rounding: within 2^-10."""
     gen = torch.Generator().manual_seed(m + n + k)
     w4 = quantize_w4(student_t2((n, k), gen) * 0.02, group, scale_dtype=dtype)
     x = student_t2((m, k), gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     ref = x.float() @ dequantize(w4).T + (b.float() if bias else 0)
-    err = (_gemv(x, w4, b, bf16x2, **tile).float() - ref).norm() / ref.norm()
+    out = _gemv(x, w4, b, bf16x2, **tile).float()
+    err = (out - ref).norm() / ref.norm()
     bound = (2**-6 if DEVICE == "cpu" else 2**-7) if bf16x2 else 1e-4 + torch.finfo(dtype).eps
     assert err < bound, float(err)
+    if bf16x2 and DEVICE == "cuda":
+        twin = bf16x2_linear(x.to(DEVICE), W4Weight(*(t.to(DEVICE) for t in (w4.weight_packed, w4.weight_scale)),
+                                                    w4.group_size)).cpu().float() + (b.float() if bias else 0)
+        assert (out - twin).norm() / ref.norm() < 2**-10
 
 
 @pytest.mark.parametrize("bf16x2", [False, True])
@@ -74,6 +81,23 @@ def test_gemv_reads_every_column(group, block_w, bf16x2):
 def test_gemv_matches_torch(m, dtype, bias, bf16x2):
     # N = 36: the last block's rows are partly masked; K = 896 = 7 groups: the last step partly masked
     _check_random(m, 36, 896, 128, dtype, bias, bf16x2, block_w=64)
+
+
+@pytest.mark.parametrize("second,expected", [(38, 0.0), (40, 2**-9)])
+def test_bf16x2_rounds_each_words_sum(second, expected):
+    """bf16x2's one rounding that depends on which columns share a word: 1 + 2^-9 rounds to 1 in bf16.
+    Column 6 (word 3, pair 0) holds x = 1 and column 10 (word 5) x = -1; the second column holds 2^-9:
+    column 38 is word 3's pair 1 (the same running sum: lost), column 40 word 4's (another sum: kept,
+    exactly in fp32). The kernel (the PTX on a GPU, its twin on the CPU) and draft_weights.bf16x2_linear
+    must both give `expected`, where the exact product is 2^-9 either way."""
+    q = torch.zeros(1, 128, dtype=torch.int8)
+    q[0, [6, 10, second]] = 1
+    w4 = W4Weight(pack_int4(q), torch.ones(1, 1, dtype=torch.bfloat16), 128)
+    x = torch.zeros(1, 128, dtype=torch.bfloat16)
+    x[0, [6, 10, second]] = torch.tensor([1.0, -1.0, 2**-9], dtype=torch.bfloat16)
+    assert (x.float() @ dequantize(w4).T).item() == 2**-9
+    assert bf16x2_linear(x, w4).item() == expected
+    assert _gemv(x, w4, bf16x2=True).item() == expected
 
 
 @pytest.mark.parametrize("bf16x2", [False, True])

@@ -93,6 +93,23 @@ def dequantize(w4: W4Weight) -> torch.Tensor:
     return q.float() * w4.weight_scale.float().repeat_interleave(w4.group_size, dim=1)
 
 
+def bf16x2_linear(x: torch.Tensor, w4: W4Weight) -> torch.Tensor:
+    """x [M, K] (bf16) @ dequantize(w4).T in the bf16x2 GEMV's arithmetic (kernels/w4a16_gemv.py): the
+    eight weights of one of its words are columns 2i + h (h = 0, 1) of a scale group, i = p * G/8 + w for
+    p = 0..3; each lane h sums its four products q * x in bf16 (each step rounded once, as a fused
+    multiply-add), then the word's two lanes, its group's words and, scaled, the groups in fp32.
+    The kernel sums in fp32 in another order: they agree to fp32 rounding, except where that flips a
+    bf16 rounding (one bf16 spacing of one word's sum)."""
+    n, k = w4.shape
+    g = w4.group_size
+    q = unpack_int4(w4.weight_packed, k).float().view(n, k // g, 4, g // 8, 2)  # [n, group, p, w, h]
+    xs = x.float().view(-1, 1, k // g, 4, g // 8, 2)
+    lanes = torch.full((xs.shape[0], n, k // g, g // 8, 2), -0.0, device=x.device)
+    for p in range(4):
+        lanes = (q[:, :, p] * xs[:, :, :, p] + lanes).to(torch.bfloat16).float()
+    return (lanes.sum((-1, -2)) * w4.weight_scale.float()).sum(-1).to(x.dtype)
+
+
 class DequantizedW4Linear:
     """The torch twin of a W4A16 kernel, for activations no vLLM W4A16 kernel takes (fp32 on CPU,
     where CPUWNA16 runs bf16/fp16 only): the same int4 weights, dequantized once, then a dense GEMM.
