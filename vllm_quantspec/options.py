@@ -69,7 +69,8 @@ class QuantSpecOptions:
     Hopper; "marlin" etc.: that kernel family). The target's layers keep the engine's setting."""
     draft_gemv: bool = False
     """Batch-1 draft steps (one token) run the draft's int4 linears on the plugin's W4A16 GEMV
-    (kernels/w4a16_gemv.py) instead of vLLM's kernel, which keeps larger batches. Costs a second copy
+    (kernels/w4a16_gemv.py) instead of vLLM's kernel, which keeps larger batches; a bf16 model's in bf16x2
+    arithmetic (products and each word's sum rounded to bf16), an fp16 model's in fp32. Costs a second copy
     of the draft's int4 weights. CUDA, bf16/fp16 models."""
 
     def fp_buffer_min_tokens(self) -> int:
