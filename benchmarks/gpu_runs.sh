@@ -58,7 +58,8 @@
 #   at start, twice), `backend-tests`, `kernel-tests`
 #   twenty-second session: calls 1-3 (`gemv`: the persistent GEMV slower, removed), .gpu/m1, .gpu/m2 + `gemv-acceptance
 #   false` (started this time), `kernel-times quantspec 4096 gemv`, `agreement-async`; after the bf16x2 GEMV, a fresh
-#   machine: calls 1-3 (`gemv`), `batch1-gemv`, .gpu/m1, .gpu/m2 + `gemv-acceptance true`
+#   machine: calls 1-3 (`gemv`), `batch1-gemv`; the 142 s left could not start another machine for .gpu/m1, .gpu/m2 +
+#   `gemv-acceptance true`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
