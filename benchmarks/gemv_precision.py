@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import REAL_FILES, real_prompts  # noqa: E402
 from vllm_quantspec.draft_weights import bf16x2_linear, dequantize, quantize_w4  # noqa: E402
-from vllm_quantspec.options import WEIGHT_GROUP_SIZES  # noqa: E402
+from vllm_quantspec.options import fitting_weight_groups  # noqa: E402
 
 CHUNK = 16  # tokens a bf16x2 call: its lanes tensor is tokens x N x K/4 floats
 
@@ -75,9 +75,7 @@ def main() -> None:
     torch.manual_seed(0)
     target = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     cfg = target.config
-    inputs = {cfg.hidden_size, cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads),
-              cfg.intermediate_size}
-    group = max(g for g in WEIGHT_GROUP_SIZES if all(k % g == 0 for k in inputs))
+    group = max(fitting_weight_groups(cfg, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)[1])
     models = {"target": target, "draft_fp32": draft_of(target, group, False), "draft_bf16x2": draft_of(target, group, True)}
     head = dict(device="cpu", torch=torch.__version__, command="python " + " ".join(sys.argv),
                 date=datetime.date.today().isoformat(), model=os.path.basename(os.path.normpath(args.model)),

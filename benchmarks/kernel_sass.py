@@ -74,15 +74,14 @@ def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int = BLOCK
     K = k_in), in fp32 or bf16x2 arithmetic: its step loop's warp instructions per 32 weights and opcode mix,
     and how many of its weight loads are issued before the arithmetic starts (global loads; a pipelined loop
     copies the next steps' words to shared memory instead, LDGSTS, and reads them back, LDS)."""
-    kernel = _w4a16_gemv_kernel
     block_w, num_stages = step_tile(k_in // 8, G, block_w, stages)
     const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False, BF16X2=bf16x2, USE_ASM=True,
                  STAGES=num_stages)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
-    names = kernel.arg_names
+    names = _w4a16_gemv_kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}  # 8B shapes: all are
-    k = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(_w4a16_gemv_kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=NUM_WARPS, num_stages=num_stages))
     usage, loops = sass_report(write_cubin(k, tmp))
     n, ops, _, body = loops[0]

@@ -25,11 +25,12 @@ Accumulation fp32. Channels are handled as two streams, even and odd (the two ni
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from vllm_quantspec.kernels import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -427,10 +428,6 @@ def _merge_kernel(po_ptr, plse_ptr, out_ptr, so_t, so_h, num_splits,
     tl.store(out_ptr + t * so_t + hq * so_h + d, res.to(out_ptr.dtype.element_ty))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _fp_weight(mode: str, block_f: int, block_n: int) -> int:
     """Units a full-precision tile counts for: twice its bytes relative to a page tile (bf16 K+V
     against U (+L) planes), since its loop step is slower per byte; spreads the ring over splits."""
@@ -494,7 +491,7 @@ class Tiles:
         """_paged_attention_kernel's compile-time arguments for these tiles."""
         return dict(HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=self.block_q, BLOCK_M=self.block_m,
                     BLOCK_N=self.block_n, BLOCK_F=self.block_f, FP_W=_fp_weight(mode, self.block_f, self.block_n),
-                    DIRECT=direct, INT8=mode == "int8", EMULATE=_interpreting(), WRITE_RING=write_ring)
+                    DIRECT=direct, INT8=mode == "int8", EMULATE=interpreting(), WRITE_RING=write_ring)
 
 
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,

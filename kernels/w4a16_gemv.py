@@ -36,12 +36,11 @@ sum_k x_k * (2^(23-s_k) + 8), is sum_k q_k * x_k, which is then scaled once. The
 are the bf16 pair 128 + c, and subtracting 136 leaves q exactly (|q| <= 8 needs 4 of bf16's 8 bits).
 """
 
-import os
-
-
 import torch
 import triton
 import triton.language as tl
+
+from vllm_quantspec.kernels import interpreting
 
 _LO = tl.constexpr(0x00078000)  # a nibble at bits 15..18
 _HI = tl.constexpr(0x00780000)  # at bits 19..22
@@ -230,6 +229,6 @@ def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.T
         pairs, pairs.stride(0), weight_gemv, weight_gemv.stride(0), weight_scale, weight_scale.stride(0),
         bias if bias is not None else out, out, out.stride(0), N, k_words, ONE_BITS,
         G=group_size, BLOCK_N=block_n, BLOCK_W=block_w, X_BF16=x.dtype == torch.bfloat16,
-        HAS_BIAS=bias is not None, BF16X2=bf16x2, USE_ASM=os.environ.get("TRITON_INTERPRET", "0") != "1",
+        HAS_BIAS=bias is not None, BF16X2=bf16x2, USE_ASM=not interpreting(),
         STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -224,6 +224,14 @@ def _is_moe(hf_text_config: Any) -> bool:
     )
 
 
+def fitting_weight_groups(text_config: Any, head_dim: int, tensor_parallel_size: int = 1) -> tuple[set[int], list[int]]:
+    """The draft's linear input sizes (qkv/gate_up: hidden; o_proj: heads x head_dim, split by TP; down:
+    intermediate, split by TP) and the int4 weight group sizes that divide them all."""
+    inputs = {text_config.hidden_size, text_config.num_attention_heads * head_dim // tensor_parallel_size,
+              text_config.intermediate_size // tensor_parallel_size}
+    return inputs, [g for g in WEIGHT_GROUP_SIZES if all(k % g == 0 for k in inputs)]
+
+
 def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_size: int = 1) -> QuantSpecOptions:
     """Refuse target models QuantSpec cannot draft for; resolve v_group_size against head_dim and
     draft_weight_group_size against the linear layers' input sizes."""
@@ -255,11 +263,7 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
     v_group = options.v_group_size or head_dim
     if head_dim % v_group:
         raise _fail("v_group_size", f"expected a multiple of 16 that divides head_dim={head_dim}", v_group)
-    text = model_config.hf_text_config
-    # Input sizes of qkv/gate_up (hidden), o_proj (heads x head_dim, split by TP), down (split by TP).
-    inputs = {text.hidden_size, text.num_attention_heads * head_dim // tensor_parallel_size,
-              text.intermediate_size // tensor_parallel_size}
-    fits = [g for g in WEIGHT_GROUP_SIZES if all(k % g == 0 for k in inputs)]
+    inputs, fits = fitting_weight_groups(model_config.hf_text_config, head_dim, tensor_parallel_size)
     group = options.draft_weight_group_size
     if group is None:
         if not fits:
