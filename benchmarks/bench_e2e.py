@@ -88,9 +88,13 @@ def method_kwargs(method: str, gamma: int, spec_extra: dict | None = None, draft
     raise ValueError(method)
 
 
-def options_field(method: str) -> dict:
-    """A row's record of --quantspec-options (QuantSpec rows, when given)."""
-    return {"quantspec_options": QUANTSPEC_OPTIONS} if method == "quantspec" and QUANTSPEC_OPTIONS else {}
+def options_field(method: str, llm) -> dict:
+    """A QuantSpec row's record of --quantspec-options (when given) and of whether its draft ran the GEMV
+    (draft_gemv as the engine resolved it: on by default on a GPU since the twenty-third session)."""
+    if method != "quantspec":
+        return {}
+    gemv = {"draft_gemv": llm.llm_engine.vllm_config.speculative_config.quantspec.draft_gemv}
+    return {"quantspec_options": QUANTSPEC_OPTIONS, **gemv} if QUANTSPEC_OPTIONS else gemv
 
 
 def options_lines(rows: list[dict]) -> list[str]:
@@ -274,7 +278,7 @@ def worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": LLAMA_8B_LABEL,
             "acceptance": "synthetic" if spec else "none", "batch": bs, "ctx": ctx, "prompt_tokens": prompt_len,
             "gamma": args.gamma if spec else 0, "ms_per_token": round(ms, 3),
-            **options_field(args.worker),
+            **options_field(args.worker, llm),
             **async_field(llm), "model_runner": model_runner(llm),
             **acceptance(spec_counts(llm) - before),
             "n_out": n, **memory, "startup_s": round(startup, 1), "prefill_s": round(prefill, 3),
@@ -398,7 +402,7 @@ def real_worker(args: argparse.Namespace) -> None:
             "method": args.worker, "model": os.path.basename(os.path.normpath(args.model)), "dtype": args.dtype,
             "acceptance": "real" if spec else "none", "batch": 1, "ctx": ctx, "gamma": args.gamma if spec else 0,
             "ms_per_token": round(sum(ms) / len(ms), 3),
-            **acceptance(counts), **async_field(llm), **options_field(args.worker), "prompts": list(texts),
+            **acceptance(counts), **async_field(llm), **options_field(args.worker, llm), "prompts": list(texts),
             "n_out": args.n_out,
             "startup_s": round(startup, 1), "prefill_s": round(sum(prefill) / len(prefill), 3),
         }), flush=True)

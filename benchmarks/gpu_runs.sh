@@ -179,7 +179,9 @@ traced() {
   cp "$RUNS/trace-$name/e2e-h200.json" "$OUT/engine-trace-$name.json"
 }
 
-MARLIN='{"draft_linear_backend": "marlin"}'  # measured faster than Machete at M <= 8 (kernels-h200)
+# measured faster than Machete at M <= 8 (kernels-h200); without the GEMV, as every run with it before the
+# twenty-third session (draft_gemv then defaulted to false)
+MARLIN='{"draft_linear_backend": "marlin", "draft_gemv": false}'
 # the synthetic acceptance of the committed baselines run: phases and verify profile at the same rate
 accept_length() { python -c "import json; print(json.load(open('benchmarks/results/e2e-baselines-h200.json'))['accept_length'])"; }
 # profile_step.py ARGS... at that acceptance with Marlin draft linears, its result lines only
@@ -442,7 +444,7 @@ PY
     # QuantSpec and bf16 at batch 1, 4k-128k, as part-b runs them, in one run: the kernel as it is end to end;
     # `batch1 lm-head`: the same with the draft's int4 lm_head (quantize_lm_head), to e2e-batch1-lm-head-h200
     options=$MARLIN; name=batch1
-    [ "${2:-}" = lm-head ] && options='{"draft_linear_backend": "marlin", "quantize_lm_head": true}' && name=batch1-lm-head
+    [ "${2:-}" = lm-head ] && options='{"draft_linear_backend": "marlin", "draft_gemv": false, "quantize_lm_head": true}' && name=batch1-lm-head
     python benchmarks/bench_e2e.py --part synthetic --methods quantspec,bf16 --points 1x4096,1x32768,1x65536,1x131072 \
       --accept-from benchmarks/results/e2e-real-h200.json --gamma 4 --quantspec-options "$options" --n-out 128 \
       --out "$RUNS/$name" --resume --time-budget 420 2>&1 | grep -v '^{'
@@ -466,8 +468,10 @@ PY
     ;;
   batch1-gemv)
     # `batch1-gemv marlin`: QuantSpec on Marlin alone; `batch1-gemv lm-head`: with the draft's int4 lm_head on the
-    # GEMV too (quantize_lm_head: 4x fewer lm_head bytes per draft step; its acceptance cost is not in these rows)
+    # GEMV too (quantize_lm_head: 4x fewer lm_head bytes per draft step; its acceptance cost is not in these rows);
+    # `batch1-gemv default`: QuantSpec with no options (vLLM's W4A16 kernel choice, the GEMV on) and bf16
     options='{"draft_linear_backend": "marlin", "draft_gemv": true}'; methods=quantspec,bf16; name=batch1-gemv
+    [ "${2:-}" = default ] && options='{}' && name=batch1-default
     [ "${2:-}" = marlin ] && options=$MARLIN && methods=quantspec && name=batch1-marlin
     [ "${2:-}" = lm-head ] && methods=quantspec && name=batch1-gemv-lm-head \
       && options='{"draft_linear_backend": "marlin", "draft_gemv": true, "quantize_lm_head": true}'

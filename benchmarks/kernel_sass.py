@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_quantspec.kernels.paged_attention import Tiles, _paged_attention_kernel  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, BLOCK_W, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import BLOCK_N, NUM_WARPS, _w4a16_gemv_kernel, step_tile  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Llama-3.1-8B's attention (32 query heads, 8 KV heads, D = 128) and G = 128
@@ -68,7 +68,7 @@ def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: i
     return k, t
 
 
-def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int = BLOCK_W,
+def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int | None = None,
                  stages: int | None = None) -> list[str]:
     """The W4A16 GEMV at the launcher's default tile (or these words a step and stages; M=1, bf16, G=128,
     K = k_in), in fp32 or bf16x2 arithmetic: its step loop's warp instructions per 32 weights and opcode mix,
@@ -201,7 +201,7 @@ def main() -> None:
         lines += [f"  {'bf16x2' if bf16x2 else 'fp32'} arithmetic:"]
         for k_in in (4096, 14336):
             lines += ["    " + line for line in gemv_summary(k_in, tmp, bf16x2)]
-    lines += ["  bf16x2, steps of 128 words pipelined over 3 stages (not the default; tune_gemv.py sweeps the stages):"]
+    lines += ["  bf16x2, K=4096 in 4 steps of 128 words over 3 stages (the default there: one step of 512; tune_gemv.py sweeps):"]
     lines += ["    " + line for line in gemv_summary(4096, tmp, True, 128, 3)]
     text = "\n".join(lines)
     print(text)

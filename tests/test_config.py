@@ -63,7 +63,7 @@ def test_defaults(llama):
     o = sc.quantspec
     assert (sc.num_speculative_tokens, o.kv_group_size, o.v_group_size, o.draft_weight_bits,
             o.draft_weight_group_size, o.quantize_lm_head, o.fp_buffer, o.draft_linear_backend, o.draft_gemv
-            ) == (4, 128, 64, 4, 128, False, "double", "auto", False)
+            ) == (4, 128, 64, 4, 128, False, "double", "auto", False)  # draft_gemv: on a CUDA GPU only
     assert o.draft_quantized_linears == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -185,6 +185,24 @@ def test_draft_gemv_refused_for_an_fp32_model_on_a_gpu(llama, monkeypatch):
     with pytest.raises(QuantSpecConfigError) as e:
         check_target(cfg.model_config, dataclasses.replace(options, draft_gemv=True))
     assert "'draft_gemv'" in str(e.value) and "torch.float32" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_draft_gemv_defaults_on_for_a_bf16_or_fp16_model_on_a_gpu(llama, monkeypatch):
+    """Unset, draft_gemv resolves against the platform and the model's dtype; set, it is kept."""
+    from vllm.platforms import current_platform
+
+    from vllm_quantspec.options import check_target
+
+    cfg = build(llama, {"method": "quantspec"})  # float32
+    options = dataclasses.replace(cfg.speculative_config.quantspec, draft_gemv=None)
+    model_config = cfg.model_config
+    assert check_target(model_config, options).draft_gemv is False  # CPU
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    assert check_target(model_config, options).draft_gemv is False  # float32
+    for dtype in (torch.bfloat16, torch.float16):
+        monkeypatch.setattr(model_config, "dtype", dtype)
+        assert check_target(model_config, options).draft_gemv is True
+        assert check_target(model_config, dataclasses.replace(options, draft_gemv=False)).draft_gemv is False
 
 
 def test_quantized_target_refused(tmp_path_factory):

@@ -156,10 +156,10 @@ def test_derived_draft_linear_takes_the_target_bias():
     torch.testing.assert_close(layer.quant_method.apply(layer, x, layer.bias), x @ dequantize(w4).T + b)
 
 
-def test_gemv_linear_runs_batch_1_on_the_gemv_and_larger_batches_on_the_inner_kernel():
-    """GemvW4Linear (draft_gemv): one token on the plugin's GEMV, more on the layer's own kernel, decided
-    per call inside its custom op, so one graph compiled for every batch size still takes both paths;
-    a bf16 model's GEMV in bf16x2 arithmetic."""
+def test_gemv_linear_runs_small_batches_on_the_gemv_and_larger_ones_on_the_inner_kernel():
+    """GemvW4Linear (draft_gemv): up to two tokens on the plugin's GEMV (a bf16 model's, in bf16x2
+    arithmetic), more on the layer's own kernel, decided per call inside its custom op, so one graph
+    compiled for every batch size still takes both paths."""
     from vllm_quantspec.draft_weights import GemvW4Linear
     from vllm_quantspec.kernels.w4a16_gemv import repack, w4a16_gemv
 
@@ -170,10 +170,18 @@ def test_gemv_linear_runs_batch_1_on_the_gemv_and_larger_batches_on_the_inner_ke
     bias = torch.randn(24, generator=gen).bfloat16()
     compiled = torch.compile(lambda x: method.apply(None, x, bias), dynamic=True, fullgraph=True)
     for run in (lambda x: method.apply(None, x, bias), compiled):
-        x1, x3 = (torch.randn(m, 256, generator=gen).bfloat16() for m in (1, 3))
-        assert torch.equal(run(x1), w4a16_gemv(x1, repack(w4.weight_packed, 64, bf16x2=True), w4.weight_scale, 64,
-                                               bias, bf16x2=True))
+        for m in (1, 2):
+            x = torch.randn(m, 256, generator=gen).bfloat16()
+            assert torch.equal(run(x), w4a16_gemv(x, repack(w4.weight_packed, 64, bf16x2=True), w4.weight_scale, 64,
+                                                  bias, bf16x2=True))
+        x3 = torch.randn(3, 256, generator=gen).bfloat16()
         assert torch.equal(run(x3), inner.apply(None, x3, bias))
+    # an fp16 model's GEMV (fp32 arithmetic) was slower than Marlin from two rows on: one row only
+    inner16 = DequantizedW4Linear(w4, torch.float16)
+    method16 = GemvW4Linear(w4, inner16, None, torch.float16)
+    x1, x2 = (torch.randn(m, 256, generator=gen).half() for m in (1, 2))
+    assert torch.equal(method16.apply(None, x1, None), w4a16_gemv(x1, repack(w4.weight_packed, 64), w4.weight_scale, 64))
+    assert torch.equal(method16.apply(None, x2, None), inner16.apply(None, x2, None))
 
 
 def test_gemv_linear_is_freed_with_its_draft():

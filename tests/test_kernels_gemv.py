@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 from heavy_tails import student_t2  # noqa: E402
 
 from vllm_quantspec.draft_weights import W4Weight, bf16x2_linear, dequantize, pack_int4, quantize_w4  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import repack, w4a16_gemv  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import repack, step_tile, w4a16_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -116,12 +116,24 @@ def test_repack_keeps_every_code(bf16x2):
                     assert torch.equal(nibbles[:, grp * 16 + w, nibble], q[:, grp * 128 + 2 * (p * 16 + w) + h].long())
 
 
+@pytest.mark.parametrize("k_in,group,tile", [(4096, 128, (512, 1)), (14336, 128, (256, 3)), (576, 64, (128, 1)),
+                                              (8960, 128, (128, 3)), (1536, 128, (256, 1))])
+def test_default_step_tile(k_in, group, tile):
+    """The launcher's default words a step and stages (step_tile): the fewest words masked off over the
+    steps, down to 128 words a step (8B down: 7 steps of 256; SmolLM2's 72 words: one step; Qwen2.5-1.5B's
+    down, 1120 words: 9 steps of 128, not 3 of 512 with 416 masked), pipelined from 4 steps on; a given
+    block_w is kept (clamped to what K holds)."""
+    assert step_tile(k_in // 8, group) == tile
+    assert step_tile(k_in // 8, group, block_w=64) == (64, 1)
+    assert step_tile(512, 128, block_w=2048, num_stages=2) == (512, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bf16x2", [False, True])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)])
 def test_gemv_matches_torch_gpu(k, n, bf16x2):
-    """The 8B draft's linears (qkv, o, gate_up, down) with the default tile, M = 1..4, bf16, in fp32 and
-    in bf16x2 arithmetic (the inline PTX, which the CPU interpreter replaces by its twin)."""
+    """The 8B draft's linears (qkv, o, gate_up, down) with the default tile (down's pipelined), M = 1..4, bf16,
+    in fp32 and in bf16x2 arithmetic (the inline PTX, which the CPU interpreter replaces by its twin)."""
     for m in range(1, 5):
         _check_random(m, n, k, 128, torch.bfloat16, bias=False, bf16x2=bf16x2)
     _check_columns(n, k, 128, torch.bfloat16, [0, 1, 7, 8, 127, 128, 1000, k - 1], bf16x2=bf16x2)

@@ -167,15 +167,18 @@ def _(x: torch.Tensor, index: int, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 class GemvW4Linear:
-    """A draft linear whose one-token steps (batch 1) run the plugin's W4A16 GEMV and whose larger
-    batches run vLLM's W4A16 kernel (`inner`, the layer's own quant_method), each on its own copy of
-    the int4 weights. Stands in as the layer's ``quant_method``. The choice by batch size is made
-    inside one opaque custom op: vLLM compiles the draft once for every batch size, so a branch in
-    the traced code would be fixed at the size it was traced with. A bf16 model's GEMV does its
-    arithmetic in bf16x2 (two weights an instruction; kernels/w4a16_gemv.py), an fp16 model's in fp32."""
+    """A draft linear whose small batches run the plugin's W4A16 GEMV and whose larger batches run
+    vLLM's W4A16 kernel (`inner`, the layer's own quant_method), each on its own copy of the int4
+    weights. Stands in as the layer's ``quant_method``. The choice by batch size is made inside one
+    opaque custom op: vLLM compiles the draft once for every batch size, so a branch in the traced code
+    would be fixed at the size it was traced with. A bf16 model's GEMV does its arithmetic in bf16x2
+    (two weights an instruction; kernels/w4a16_gemv.py), an fp16 model's in fp32. Small: up to the rows
+    where the GEMV beat Marlin over the 8B draft's four linears (w4a16-gemv-h200, µs at M = 1 / 2:
+    bf16x2 65.1 / 86.6, fp32 77.1 / 105.5, Marlin 91.8 / 91.8; the GEMV reads the weights once a row)."""
 
     def __init__(self, w4: W4Weight, inner, layer: torch.nn.Module, activation_dtype: torch.dtype):
         self.bf16x2 = activation_dtype == torch.bfloat16
+        self.max_rows = 2 if self.bf16x2 else 1
         self.weight = repack(w4.weight_packed, w4.group_size, self.bf16x2)
         self.scale = w4.weight_scale.clone()  # the inner kernel's repacking may replace or permute its own
         self.group_size = w4.group_size
@@ -188,7 +191,7 @@ class GemvW4Linear:
         return torch.ops.quantspec.draft_linear(x, self.index, bias)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] == 1:
+        if x.shape[0] <= self.max_rows:
             return w4a16_gemv(x, self.weight, self.scale, self.group_size, bias, bf16x2=self.bf16x2)
         return self.inner.apply(self.layer, x, bias)
 

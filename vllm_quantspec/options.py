@@ -67,11 +67,13 @@ class QuantSpecOptions:
     draft_linear_backend: str = "auto"
     """vLLM's linear backend for the draft's W4A16 layers only ("auto": vLLM's own choice, Machete on
     Hopper; "marlin" etc.: that kernel family). The target's layers keep the engine's setting."""
-    draft_gemv: bool = False
-    """Batch-1 draft steps (one token) run the draft's int4 linears on the plugin's W4A16 GEMV
-    (kernels/w4a16_gemv.py) instead of vLLM's kernel, which keeps larger batches; a bf16 model's in bf16x2
-    arithmetic (products and each word's sum rounded to bf16), an fp16 model's in fp32. Costs a second copy
-    of the draft's int4 weights. CUDA, bf16/fp16 models."""
+    draft_gemv: bool | None = None
+    """Draft steps of one token (two for a bf16 model) run the draft's int4 linears on the plugin's W4A16
+    GEMV (kernels/w4a16_gemv.py) instead of vLLM's kernel, which keeps larger batches; a bf16 model's in
+    bf16x2 arithmetic (products and each word's sum rounded to bf16), an fp16 model's in fp32. Costs a
+    second copy of the draft's int4 weights. CUDA, bf16/fp16 models. None (default): on where it can run
+    (check_target), since there it is the faster draft at batch 1 with the same acceptance
+    (benchmarks/results/e2e-batch1-gemv-h200, e2e-real-gemv-true-h200)."""
 
     def fp_buffer_min_tokens(self) -> int:
         """Fewest verified tokens a sequence keeps in full precision once it has that many."""
@@ -163,7 +165,7 @@ def parse_speculative_config(raw: dict[str, Any]) -> tuple[QuantSpecOptions, dic
         raise _fail("draft_linear_backend", f"expected one of {list(DRAFT_LINEAR_BACKENDS)}", backend)
     opts["draft_linear_backend"] = backend
     gemv = raw.get("draft_gemv", defaults.draft_gemv)
-    if not isinstance(gemv, bool):
+    if gemv is not None and not isinstance(gemv, bool):
         raise _fail("draft_gemv", "expected true or false", gemv)
     opts["draft_gemv"] = gemv
     vllm_kwargs = {k: raw[k] for k in VLLM_KEYS if k in raw}
@@ -244,17 +246,19 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
         raise QuantSpecConfigError(
             "mixture-of-experts targets are not supported by method 'quantspec' yet"
         )
-    if options.draft_linear_backend != "auto" or options.draft_gemv:
-        from vllm.platforms import current_platform
+    from vllm.platforms import current_platform
 
-        if not current_platform.is_cuda():
-            if options.draft_gemv:
-                raise _fail("draft_gemv", f"only false on {current_platform.device_name} (the GEMV needs a CUDA GPU)",
-                            True)
-            raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
-                        "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
-    if options.draft_gemv and model_config.dtype not in (torch.bfloat16, torch.float16):
+    on_cuda = current_platform.is_cuda()
+    if options.draft_linear_backend != "auto" and not on_cuda:
+        raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
+                    "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
+    gemv = options.draft_gemv
+    if gemv and not on_cuda:
+        raise _fail("draft_gemv", f"only false on {current_platform.device_name} (the GEMV needs a CUDA GPU)", True)
+    if gemv and model_config.dtype not in (torch.bfloat16, torch.float16):
         raise _fail("draft_gemv", f"only false for a {model_config.dtype} model (the GEMV takes bf16/fp16)", True)
+    if gemv is None:
+        gemv = on_cuda and model_config.dtype in (torch.bfloat16, torch.float16)
     head_dim = model_config.get_head_size()
     if head_dim % 16:
         raise QuantSpecConfigError(
@@ -275,4 +279,4 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
     elif group not in fits:
         raise _fail("draft_weight_group_size", f"expected one of {fits} (it must divide the linear input "
                     f"sizes {sorted(inputs)})", group)
-    return dataclasses.replace(options, v_group_size=v_group, draft_weight_group_size=group)
+    return dataclasses.replace(options, v_group_size=v_group, draft_weight_group_size=group, draft_gemv=gemv)
