@@ -74,7 +74,7 @@ def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int | None 
     K = k_in), in fp32 or bf16x2 arithmetic: its step loop's warp instructions per 32 weights and opcode mix,
     and how many of its weight loads are issued before the arithmetic starts (global loads; a pipelined loop
     copies the next steps' words to shared memory instead, LDGSTS, and reads them back, LDS)."""
-    block_w, num_stages = step_tile(k_in // 8, G, block_w, stages)
+    block_w, num_stages = step_tile(k_in // 8, G, block_w, stages, bf16x2)
     const = dict(G=G, BLOCK_N=BLOCK_N, BLOCK_W=block_w, X_BF16=True, HAS_BIAS=False, BF16X2=bf16x2, USE_ASM=True,
                  STAGES=num_stages)
     pointers = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}

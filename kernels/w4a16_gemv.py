@@ -202,19 +202,21 @@ def _w4a16_gemv_kernel(x_ptr, sx_m, w_ptr, sw_n, s_ptr, ss_n, bias_ptr, out_ptr,
 BLOCK_N, BLOCK_W, NUM_WARPS = 8, 512, 4
 
 
-def step_tile(k_words: int, group_size: int, block_w: int | None = None,
-              num_stages: int | None = None) -> tuple[int, int]:
-    """(words a step, pipeline stages) of a launch over k_words words. Given: block_w within [one scale group,
-    what K holds]; stages as given, else 1. By default: of BLOCK_W words (or what K holds) and its half and
-    quarter, down to 128 words, the one whose steps leave the fewest words masked off (down's 1792 words: 7
-    steps of 256, not 3.5 of 512), the larger on a tie; and 3 stages from 4 steps on (the compiler copies
-    the next steps' words into shared memory while this one computes, cp.async). Measured
-    (w4a16-gemv-h200, twenty-third session, bf16x2, M=1): down 17.1 µs at 256 words and 3 stages against
-    18.3 at 512 words and 1 stage (the other layers' one step of 512: within 1% of their best); before the
-    loop took `tl.range`, stages had no effect."""
+def step_tile(k_words: int, group_size: int, block_w: int | None = None, num_stages: int | None = None,
+              bf16x2: bool = False) -> tuple[int, int]:
+    """(words a step, pipeline stages) of a launch over k_words words: block_w (default BLOCK_W) within [one
+    scale group, what K holds], stages as given, else 1. The bf16x2 default instead: of BLOCK_W words (or what
+    K holds) and its half and quarter, down to 128 words, the one whose steps leave the fewest words masked
+    off (down's 1792 words: 7 steps of 256, not 3.5 of 512), the larger on a tie, and 3 stages from 4 steps on
+    (the compiler copies the next steps' words into shared memory while this one computes, cp.async).
+    Measured (w4a16-gemv-h200, twenty-third session, bf16x2, M=1): down 17.1 µs at 256 words and 3 stages
+    against 18.3 at 512 words and 1 stage (the other layers' one step of 512: within 1% of their best); before
+    the loop took `tl.range`, stages had no effect. The fp32 arithmetic keeps its measured default: neither
+    was swept there, and its 256-word step compiles to a layout exchange through shared memory (4.00 warp
+    instructions per 32 weights against 3.61, over the 3.92 that copy bandwidth leaves; kernel-sass-sm90.txt)."""
     wpg = group_size // 8
-    if block_w is not None:
-        return max(wpg, min(block_w, triton.next_power_of_2(k_words))), num_stages or 1
+    if block_w is not None or not bf16x2:
+        return max(wpg, min(block_w or BLOCK_W, triton.next_power_of_2(k_words))), num_stages or 1
     top = max(wpg, min(BLOCK_W, triton.next_power_of_2(k_words)))
     fits = [w for w in (top, top // 2, top // 4) if w >= max(wpg, min(top, 128))]
     block_w = min(fits, key=lambda w: (triton.cdiv(k_words, w) * w, -w))
@@ -235,7 +237,7 @@ def w4a16_gemv(x: torch.Tensor, weight_gemv: torch.Tensor, weight_scale: torch.T
     pairs = x.contiguous().view(torch.int32)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k_words = K // 8
-    block_w, num_stages = step_tile(k_words, group_size, block_w, num_stages)
+    block_w, num_stages = step_tile(k_words, group_size, block_w, num_stages, bf16x2)
     _w4a16_gemv_kernel[(M, triton.cdiv(N, block_n))](
         pairs, pairs.stride(0), weight_gemv, weight_gemv.stride(0), weight_scale, weight_scale.stride(0),
         bias if bias is not None else out, out, out.stride(0), N, k_words, ONE_BITS,

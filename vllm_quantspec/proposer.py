@@ -79,7 +79,7 @@ def derive_draft_weights(draft: nn.Module, target: nn.Module, activation_dtype: 
     GEMM setup. Draft and target are built from one config, so their module names match.
     With `lm_head_group`, the draft's lm_head is instead a copy of the target's (same vocabulary
     shard, same tied weight) that computes with int4 weights RTN-quantized from it in groups of that
-    size. With `gemv`, each int4 linear runs its batch-1 steps on the plugin's GEMV (GemvW4Linear).
+    size. With `gemv`, each int4 linear runs its smallest batches on the plugin's GEMV (GemvW4Linear).
     Returns the number of int4 linear layers (the lm_head included).
     """
     target_modules = dict(target.named_modules(remove_duplicate=False))
@@ -170,7 +170,8 @@ class QuantSpecProposer(QuantSpecDispatch):
                                      group if self.options.quantize_lm_head else None, self.options.draft_gemv)
         logger.info("QuantSpec draft: %d linear layers int4 (group %d%s, linear backend %s%s) derived from the "
                     "target's weights", n, group, ", lm_head included" if self.options.quantize_lm_head else "",
-                    self.options.draft_linear_backend, ", batch 1 on the plugin's GEMV" if self.options.draft_gemv else "")
+                    self.options.draft_linear_backend, ", the smallest batches on the plugin's GEMV (draft_gemv: a "
+                    "second int4 copy of the weights, false saves it)" if self.options.draft_gemv else "")
         return draft
 
     def load_model(self, target_model: nn.Module) -> None:
