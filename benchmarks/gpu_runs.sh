@@ -60,6 +60,10 @@
 #   false` (started this time), `kernel-times quantspec 4096 gemv`, `agreement-async`; after the bf16x2 GEMV, a fresh
 #   machine: calls 1-3 (`gemv`), `batch1-gemv`; the 142 s left could not start another machine for .gpu/m1, .gpu/m2 +
 #   `gemv-acceptance true`
+#   twenty-third session: calls 1-3 (`gemv`), .gpu/m1, .gpu/m2 + `gemv-acceptance true`, `kernel-tests` and
+#   `backend-tests` in one call; after the GEMV became the default, a fresh machine: calls 1-3, the third with the
+#   GEMV's GPU tests (pytest -m gpu tests/test_kernels_gemv.py) and `batch1-gemv default`, .gpu/m1, .gpu/m2 +
+#   `agreement-async`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -106,8 +110,9 @@
 #                (lm-head: the draft with an int4 lm_head)
 #   gemv         the W4A16 GEMV (kernels/w4a16_gemv.py): its GPU tests, then tune_gemv.py (tiles of both arithmetic modes
 #                at M = 1, 2, 4, and 8 layers' linears in one CUDA graph, against bf16 and vLLM's Marlin in the same run)
-#   batch1-gemv [marlin|lm-head]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears on the GEMV
-#                (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine)
+#   batch1-gemv [marlin|lm-head|default]  `batch1`'s points at 4k / 32k / 128k: QuantSpec with the draft's batch-1 linears
+#                on the GEMV (draft_gemv) and bf16 in one run; `marlin`: QuantSpec on Marlin alone (the A/B, same machine);
+#                `default`: QuantSpec with no options (the GEMV on by default since the twenty-third session) and bf16
 #   gemv-acceptance [true|false]  SmolLM2 (staged), bench_e2e.py's real part at γ=4, 1k-8k: QuantSpec with and (or)
 #                without draft_gemv
 #   qwen         Qwen2.5-Coder-1.5B (benchmarks/qwen_model.sh stage): bench_e2e.py's real part, 1k-32k, bf16,

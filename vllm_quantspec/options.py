@@ -73,7 +73,7 @@ class QuantSpecOptions:
     bf16x2 arithmetic (products and each word's sum rounded to bf16), an fp16 model's in fp32. Costs a
     second copy of the draft's int4 weights. CUDA, bf16/fp16 models. None (default): on where it can run
     (check_target), since there it is the faster draft at batch 1 with the same acceptance
-    (benchmarks/results/e2e-batch1-gemv-h200, e2e-real-gemv-true-h200)."""
+    (benchmarks/results/e2e-batch1-default-h200, e2e-real-gemv-true-h200)."""
 
     def fp_buffer_min_tokens(self) -> int:
         """Fewest verified tokens a sequence keeps in full precision once it has that many."""
@@ -252,13 +252,13 @@ def check_target(model_config: Any, options: QuantSpecOptions, tensor_parallel_s
     if options.draft_linear_backend != "auto" and not on_cuda:
         raise _fail("draft_linear_backend", f"only 'auto' on {current_platform.device_name} (the other "
                     "W4A16 kernel families need a CUDA GPU)", options.draft_linear_backend)
-    gemv = options.draft_gemv
+    gemv, gemv_dtype = options.draft_gemv, model_config.dtype in (torch.bfloat16, torch.float16)
     if gemv and not on_cuda:
         raise _fail("draft_gemv", f"only false on {current_platform.device_name} (the GEMV needs a CUDA GPU)", True)
-    if gemv and model_config.dtype not in (torch.bfloat16, torch.float16):
+    if gemv and not gemv_dtype:
         raise _fail("draft_gemv", f"only false for a {model_config.dtype} model (the GEMV takes bf16/fp16)", True)
     if gemv is None:
-        gemv = on_cuda and model_config.dtype in (torch.bfloat16, torch.float16)
+        gemv = on_cuda and gemv_dtype
     head_dim = model_config.get_head_size()
     if head_dim % 16:
         raise QuantSpecConfigError(
