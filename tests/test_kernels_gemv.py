@@ -116,15 +116,16 @@ def test_repack_keeps_every_code(bf16x2):
                     assert torch.equal(nibbles[:, grp * 16 + w, nibble], q[:, grp * 128 + 2 * (p * 16 + w) + h].long())
 
 
-@pytest.mark.parametrize("k_in,group,tile", [(4096, 128, (512, 1)), (14336, 128, (256, 3)), (576, 64, (128, 1)),
-                                              (8960, 128, (128, 3)), (1536, 128, (256, 1))])
-def test_default_step_tile(k_in, group, tile):
+@pytest.mark.parametrize("k_in,group,tile,fp32_tile", [(4096, 128, (512, 1), (512, 1)), (14336, 128, (256, 3), (512, 1)),
+                                                        (576, 64, (128, 1), (128, 1)), (8960, 128, (128, 3), (512, 1)),
+                                                        (1536, 128, (256, 1), (256, 1))])
+def test_default_step_tile(k_in, group, tile, fp32_tile):
     """The launcher's default words a step and stages (step_tile) in bf16x2: the fewest words masked off over
     the steps, down to 128 words a step (8B down: 7 steps of 256; SmolLM2's 72 words: one step; Qwen2.5-1.5B's
     down, 1120 words: 9 steps of 128, not 3 of 512 with 416 masked), pipelined from 4 steps on; in fp32, 512
     words (or what K holds) and one stage; a given block_w is kept (clamped to what K holds)."""
     assert step_tile(k_in // 8, group, bf16x2=True) == tile
-    assert step_tile(k_in // 8, group) == (min(512, 1 << (k_in // 8 - 1).bit_length()), 1)
+    assert step_tile(k_in // 8, group) == fp32_tile
     assert step_tile(k_in // 8, group, block_w=64, bf16x2=True) == (64, 1)
     assert step_tile(512, 128, block_w=2048, num_stages=2) == (512, 2)
 
