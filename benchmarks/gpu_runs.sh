@@ -84,6 +84,8 @@
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
 #   kernel-tests the kernels' GPU tests alone
+#   attention-ab REV  the kernels' GPU tests, then attention_ab.py: the attention kernel against REV's (carried as
+#                .gpu/ab/paged_attention.py) at the engine's launches, FA3 beside them, one run
 #   kernel-times [METHODS [CTX]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
 #   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
 #                page tile and split count swept at the engine's launches
@@ -194,7 +196,7 @@ profile() {
   timeout 170 python benchmarks/profile_step.py "$@" --accept-length "$(accept_length)" --quantspec-options "$MARLIN" \
     2>&1 | grep -E '^(device|command|\[|\{)'
 }
-case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen | gemv | batch1-gemv | gemv-acceptance}" in
+case "${1:?step: ncu | kernels | plain | real | speculative | baselines | phases | verify | async | gamma | tests | agreement | agreement-async | cache | tune | kernel-tests | kernel-times | b8 | target-only | target-only-b1 | runner-check | engine-trace | context-check | v2-check | target-only-twice | batch1 | part-b | real-gammas | qwen | gemv | batch1-gemv | gemv-acceptance | attention-ab}" in
   kernels)
     kernel_tests
     timeout 400 python benchmarks/bench_kernels.py --out-dir "$RUNS" 2>&1 | grep -v '^{' | tail -60
@@ -431,6 +433,14 @@ PY
   kernel-tests)
     kernel_tests
     out "$RUNS"/pytest-kernels-h200.txt
+    ;;
+  attention-ab)
+    # `attention-ab REV`, carrying .gpu/ab/paged_attention.py (git show REV:kernels/paged_attention.py): the kernels'
+    # GPU tests, then attention_ab.py, this kernel against REV's at the engine's launches, FA3 beside them
+    kernel_tests
+    timeout 330 python benchmarks/attention_ab.py --baseline .gpu/ab/paged_attention.py --baseline-label "${2:?REV}" \
+      --out "$RUNS/attention-ab-h200" 2>&1 | grep -v '^{"batch'
+    out "$RUNS"/attention-ab-h200.* "$RUNS"/pytest-kernels-h200.txt
     ;;
   kernel-times)
     # where a decode token's device time goes, kernel by kernel (profile_step.py --kernels), 8B shape, batch 1, one
