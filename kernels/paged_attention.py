@@ -261,19 +261,20 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q
         scale, unscale = _pow2_norm(tl.max(vsc, axis=0))
         pw = (p * (vsc * scale)[None, :]).to(tl.float16)
         # The output is kept in the last tile's units (acc * unit is the true sum; the odd stream of an
-        # int4 cache in units 16x smaller, its codes being 16c): each tile brings it and the offset term
-        # to its own units (powers of two: exact) and its dots accumulate onto them. One multiply-add
-        # an element, no zeroed accumulators; the page loop's caller scales back once.
+        # int4 cache in units 16x smaller, its codes being 16c): each tile brings it to its own units
+        # (powers of two: exact) and its dots accumulate onto it, no zeroed accumulators; the page loop's
+        # caller scales back once. The offset term (row sums across warps) is added after the dots, so
+        # that they need not wait for it.
         to_tile = (alpha * unit * scale)[:, None]
         if INT8:
             corr = tl.sum(p * (voff * scale)[None, :] - 1024.0 * pw.to(tl.float32), axis=1)[:, None]
-            acc_e = tl.dot(pw, c_e, acc_e * to_tile + corr)
-            acc_o = tl.dot(pw, c_o, acc_o * to_tile + corr)
+            acc_e = tl.dot(pw, c_e, acc_e * to_tile) + corr
+            acc_o = tl.dot(pw, c_o, acc_o * to_tile) + corr
         else:
             off_sum = tl.sum(p * voff[None, :], axis=1) * scale
             pw_sum = tl.sum(pw.to(tl.float32), axis=1)
-            acc_e = tl.dot(pw, c_e, acc_e * to_tile + (off_sum - 1024.0 * pw_sum)[:, None])
-            acc_o = tl.dot(pw, c_o, acc_o * to_tile + (16.0 * off_sum - 1024.0 * pw_sum)[:, None])
+            acc_e = tl.dot(pw, c_e, acc_e * to_tile) + (off_sum - 1024.0 * pw_sum)[:, None]
+            acc_o = tl.dot(pw, c_o, acc_o * to_tile) + (16.0 * off_sum - 1024.0 * pw_sum)[:, None]
         unit = unscale
     else:
         # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
