@@ -84,8 +84,8 @@
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
 #   kernel-tests the kernels' GPU tests alone
-#   attention-ab REV  the kernels' GPU tests, then attention_ab.py: the attention kernel against REV's (carried as
-#                .gpu/ab/paged_attention.py) at the engine's launches, FA3 beside them, one run
+#   attention-ab THIS REF [OTHER...]  the kernels' GPU tests, then attention_ab.py: the working tree's attention kernel
+#                against REF's and OTHERs' (carried as .gpu/ab/NAME.py) at the engine's launches, FA3 beside them, one run
 #   kernel-times [METHODS [CTX]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
 #   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
 #                page tile and split count swept at the engine's launches
@@ -435,10 +435,12 @@ PY
     out "$RUNS"/pytest-kernels-h200.txt
     ;;
   attention-ab)
-    # `attention-ab REV`, carrying .gpu/ab/paged_attention.py (git show REV:kernels/paged_attention.py): the kernels'
-    # GPU tests, then attention_ab.py, this kernel against REV's at the engine's launches, FA3 beside them
-    kernel_tests
-    timeout 330 python benchmarks/attention_ab.py --baseline .gpu/ab/paged_attention.py --baseline-label "${2:?REV}" \
+    # `attention-ab THIS REF [OTHER...]`, carrying .gpu/ab/REF.py etc. (git show REV:kernels/paged_attention.py or
+    # a variant): the kernels' GPU tests (skipped with NO_TESTS=1), then attention_ab.py, the working tree's kernel
+    # (named THIS) against REF's and the others at the engine's launches, FA3 beside them
+    [ -n "${NO_TESTS:-}" ] || kernel_tests
+    baselines=(); for name in "${@:3}"; do baselines+=(--baseline "$name=.gpu/ab/$name.py"); done
+    timeout 500 python benchmarks/attention_ab.py --label "${2:?THIS}" "${baselines[@]}" \
       --out "$RUNS/attention-ab-h200" 2>&1 | grep -v '^{"batch'
     out "$RUNS"/attention-ab-h200.* "$RUNS"/pytest-kernels-h200.txt
     ;;
