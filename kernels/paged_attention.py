@@ -16,7 +16,6 @@ Dequantization folded into the math (no dequantized K or V tile ever exists):
   keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
   values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
 with int4: c = U, sc = s, off = min; int8: c = 16*U + L (integer ops), sc = s/16, off = min - 7.5*s/16.
-The dots accumulate onto their row terms (and the running output), which start their accumulators.
 Dot operands are fp16: codes as the bit pattern 0x6400 | c, which is the fp16 number 1024 + c
 (exact, no int->float conversion: inline asm unpacks 4-byte words; 1024 * sum(weights) is taken off
 in fp32 after the dot), weights q*sc as they are and p*sc scaled per tile by a power of two (p can
@@ -103,10 +102,9 @@ def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr, EMULATE: tl.constexpr):
     from byte j of word w: keys (token-major) R = tokens, 4W = channel pairs; values (token-minor)
     R = channel pairs, 4W = tokens. The low nibbles hold the even channels, the high ones the odd.
 
-    int4: c = U nibble, times 16 in the high-nibble (odd) stream; int8: c = 16*U + L. The dots'
-    1024 * sum(weights) is taken off in fp32, in the row terms their accumulators start from.
-    offs: int32 [R, W] word offsets. EMULATE (the Triton interpreter has no inline asm): the same
-    values by integer ops."""
+    int4: c = U nibble, times 16 in the high-nibble (odd) stream; int8: c = 16*U + L. The dot's
+    1024 * sum(weights) is taken off in fp32 after it. offs: int32 [R, W] word offsets. EMULATE (the
+    Triton interpreter has no inline asm): the same values by integer ops."""
     u = tl.load(hi_ptr.to(tl.pointer_type(tl.int32)) + offs)
     if INT8:
         lo = tl.load(lo_ptr.to(tl.pointer_type(tl.int32)) + offs)
@@ -142,11 +140,10 @@ def _codes(hi_ptr, lo_ptr, offs, INT8: tl.constexpr, EMULATE: tl.constexpr):
 def _pow2_norm(bound):
     """Powers of two (scale, 1/scale), exact in fp32, that put `bound` (>= every |weight| of a tile)
     in [2**14, 2**15): the tile's weights then use fp16's full 11 bits whatever their magnitude
-    (smaller ones down to 2**-24 of the bound, far below what they contribute). The scale stops at
-    2**64 (bounds below 2**-50: their weights' products are below 2**-36 anyway), so that a running
-    sum brought to the tile's units (times the scale) stays finite and comes back exactly."""
+    (smaller ones down to 2**-24 of the bound, far below what they contribute). A bound below
+    2**-113 (all-zero weights) gets the largest scale, and 0 as inverse."""
     e = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased fp32 exponent
-    fb = tl.minimum(tl.maximum(268 - e, 1), 127 + 64)  # biased exponent of 2**(14 - (e - 127))
+    fb = tl.minimum(tl.maximum(268 - e, 1), 254)  # biased exponent of 2**(14 - (e - 127))
     return (fb << 23).to(tl.float32, bitcast=True), ((254 - fb) << 23).to(tl.float32, bitcast=True)
 
 
@@ -193,7 +190,7 @@ def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o):
 
 
 @triton.jit
-def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q_o, q_row,
+def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row,
                b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
                ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t,
                D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
@@ -229,13 +226,14 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q
             sc_o *= 0.0625
         w_e, w_o, row_k = _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o)
     c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8, EMULATE)
-    # the dots accumulate onto the row term: no zeroed accumulators, no adds after
-    s = tl.broadcast_to(row_k[:, None], (row_k.shape[0], BLOCK_N))
-    s = tl.dot(w_o, tl.trans(c_o), tl.dot(w_e, tl.trans(c_e), s))
+    s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
+    s += row_k[:, None]
     if MASKED:
         s = tl.where(((u // sub) * G + rows)[None, :] < q_row[:, None], s, float("-inf"))
 
     p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+    acc_e *= alpha[:, None]
+    acc_o *= alpha[:, None]
 
     # Values: the per-token scale goes into p (one power-of-two scale for the tile), the offset
     # into one row term. Their planes are token-minor (a word: one channel pair of 4 tokens), so the
@@ -260,22 +258,15 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q
         # p <= 1 but p * s can be tiny: one power-of-two scale per tile keeps fp16's 11 bits
         scale, unscale = _pow2_norm(tl.max(vsc, axis=0))
         pw = (p * (vsc * scale)[None, :]).to(tl.float16)
-        # The output is kept in the last tile's units (acc * unit is the true sum; the odd stream of an
-        # int4 cache in units 16x smaller, its codes being 16c): each tile brings it to its own units
-        # (powers of two: exact) and its dots accumulate onto it, no zeroed accumulators; the page loop's
-        # caller scales back once. The offset term (row sums across warps) is added after the dots, so
-        # that they need not wait for it.
-        to_tile = (alpha * unit * scale)[:, None]
         if INT8:
-            corr = tl.sum(p * (voff * scale)[None, :] - 1024.0 * pw.to(tl.float32), axis=1)[:, None]
-            acc_e = tl.dot(pw, c_e, acc_e * to_tile) + corr
-            acc_o = tl.dot(pw, c_o, acc_o * to_tile) + corr
-        else:
-            off_sum = tl.sum(p * voff[None, :], axis=1) * scale
-            pw_sum = tl.sum(pw.to(tl.float32), axis=1)
-            acc_e = tl.dot(pw, c_e, acc_e * to_tile) + (off_sum - 1024.0 * pw_sum)[:, None]
-            acc_o = tl.dot(pw, c_o, acc_o * to_tile) + (16.0 * off_sum - 1024.0 * pw_sum)[:, None]
-        unit = unscale
+            corr = tl.sum(p * voff[None, :] - (1024.0 * unscale) * pw.to(tl.float32), axis=1)
+            acc_e += tl.dot(pw, c_e) * unscale + corr[:, None]
+            acc_o += tl.dot(pw, c_o) * unscale + corr[:, None]
+        else:  # the odd stream's codes come as 16c: its 1024 * sum(pw) goes in 16x smaller
+            off_sum = tl.sum(p * voff[None, :], axis=1)
+            pw_sum = tl.sum(pw.to(tl.float32), axis=1) * unscale
+            acc_e += tl.dot(pw, c_e) * unscale + (off_sum - 1024.0 * pw_sum)[:, None]
+            acc_o += tl.dot(pw, c_o) * (unscale * 0.0625) + (off_sum - 64.0 * pw_sum)[:, None]
     else:
         # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
         # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
@@ -286,9 +277,9 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q
             voff -= vsc * (7.5 / 16)
             vsc *= 0.0625
         vsc_o = vsc if INT8 else vsc * 0.0625  # int4's odd stream: codes 16c
-        acc_e = tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0), acc_e * alpha[:, None])
-        acc_o = tl.dot(p, voff + vsc_o * (c_o.to(tl.float32) - 1024.0), acc_o * alpha[:, None])
-    return m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k
+        acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
+        acc_o += tl.dot(p, voff + vsc_o * (c_o.to(tl.float32) - 1024.0))
+    return m_i, l_i, acc_e, acc_o, w_e, w_o, row_k
 
 
 @triton.jit
@@ -382,18 +373,15 @@ def _paged_attention_kernel(
                  ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t)
     n_whole = (q_lo // G) * sub
     u_mid = tl.minimum(u_hi, n_whole)
-    unit = 1.0  # the page tiles' units of acc (_page_tile)
     for u in range(u_lo, u_mid):
-        m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k = _page_tile(
-            u, u_lo, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
+        m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
+            u, u_lo, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
             D, G, VG, BLOCK_N, INT8, EMULATE, False)
     u_first = tl.maximum(u_lo, n_whole)
     for u in range(u_first, tl.minimum(u_hi, n_page_units)):
-        m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k = _page_tile(
-            u, u_first, m_i, l_i, acc_e, acc_o, unit, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
+        m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
+            u, u_first, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
             D, G, VG, BLOCK_N, INT8, EMULATE, True)
-    acc_e *= unit
-    acc_o *= unit if INT8 or VG != D else unit * 0.0625
 
     # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
     slot = tl.load(slot_ptr + b).to(tl.int64)
