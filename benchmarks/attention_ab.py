@@ -50,7 +50,7 @@ def measure(args) -> dict:
         for q_len in dict.fromkeys(q for _, q, _ in LAUNCHES):
             fa3_us = next(r["us"] for r in attention_rows(batch, ctx, q_len, math.nan) if r["op"] == "fa3_bf16")
             case = quantized_case(batch, ctx, q_len)
-            for mode, _, label in (launch for launch in LAUNCHES if launch[1] == q_len):
+            for mode, _, launch in (entry for entry in LAUNCHES if entry[1] == q_len):
                 times = {name: [] for name in kernels}
                 for _ in range(2):
                     for name, module in kernels.items():
@@ -58,7 +58,7 @@ def measure(args) -> dict:
                             **case["args"], mode=mode, sm_scale=1 / math.sqrt(D), max_query_len=q_len,
                             max_seq_len=ctx)))
                 us = {name: statistics.median(t) for name, t in times.items()}
-                row = dict(batch=batch, ctx=ctx, q_len=q_len, mode=mode, launch=label, fa3_us=fa3_us, us=us,
+                row = dict(batch=batch, ctx=ctx, q_len=q_len, mode=mode, launch=launch, fa3_us=fa3_us, us=us,
                            GBps={name: case["bytes"][mode] / t / 1e3 for name, t in us.items()})
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)

@@ -64,6 +64,11 @@
 #   `backend-tests` in one call; after the GEMV became the default, a fresh machine: calls 1-3, the third with the
 #   GEMV's GPU tests (pytest -m gpu tests/test_kernels_gemv.py) and `batch1-gemv default`, .gpu/m1, .gpu/m2 +
 #   `agreement-async`
+#   twenty-fourth session: calls 1-3, the third with `attention-ab 4b614a3` (then one baseline: the first variant,
+#   bff903b, against 4b614a3; its file's labels came from the device's stale git metadata, so the labels are
+#   arguments now; not kept); a fresh machine: calls 1-3, the third with `NO_TESTS=1 attention-ab 68f40fd 4b614a3 U Y`,
+#   then `kernel-tests` and `batch1-gemv default` in one call (on U, committed as 0ded1cb), `target-only`, .gpu/m1,
+#   .gpu/m2 + `backend-tests` (device time spent)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
