@@ -25,6 +25,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton.jit
 
+import ptx  # noqa: E402
+
 from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
 from vllm_quantspec.kernels.paged_attention import (  # noqa: E402
     _ASM_INT4,
@@ -111,39 +113,10 @@ def _check(args, mode, tol_scale=1.0, **kernel_kw):
     assert (out.float() - ref).abs().max() <= 4 * ULP[dtype] * v_max
 
 
-def _run_ptx(asm: str, inputs: list[int]) -> list[int]:
-    """The unpack's inline PTX (prmt, lop3, shl, shr on b32 registers: all it uses) run on Python
-    ints. The Triton interpreter cannot run inline asm, so this is the CPU check of the GPU path."""
-    mask = 0xFFFFFFFF
-    regs = {f"${i + 8}": w for i, w in enumerate(inputs)}
-
-    def val(x):
-        return regs[x] if x in regs else int(x, 0)
-
-    for line in asm.replace("{", "").replace("}", "").split(";"):
-        op, _, args = line.strip().partition(" ")
-        if not op or op.startswith(".reg"):
-            continue
-        d, *a = [x.strip() for x in args.split(",")]
-        v = [val(x) for x in a]
-        if op == "prmt.b32":  # byte i of the result: byte (selector nibble i) of {a, b}
-            pool = (v[1] << 32) | v[0]
-            regs[d] = sum(((pool >> (8 * ((v[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
-        elif op == "lop3.b32":  # bit-wise lookup: index a*4 + b*2 + c into the 8-bit table
-            regs[d] = sum(((v[3] >> (((v[0] >> i) & 1) * 4 + ((v[1] >> i) & 1) * 2 + ((v[2] >> i) & 1))) & 1) << i
-                          for i in range(32))
-        elif op == "shl.b32":
-            regs[d] = (v[0] << v[1]) & mask
-        elif op == "shr.u32":
-            regs[d] = v[0] >> v[1]
-        else:
-            raise AssertionError(f"unexpected PTX op {op}")
-    return [regs[f"${i}"] for i in range(8)]
-
-
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_unpack_asm(mode):
-    """The GPU unpack's PTX gives the codes the interpreter's emulation gives (the kernel's contract):
+    """The GPU unpack's PTX (run by tests/ptx.py: the Triton interpreter cannot run inline asm) gives the
+    codes the interpreter's emulation gives (the kernel's contract):
     register k (even channels) and 4 + k (odd) hold, as fp16 bit patterns 0x6400 | c in their low and
     high halves, byte k of the first and of the second word; c = 16U + L (int8), c = U's nibble (int4,
     times 16 in the odd stream)."""
@@ -151,7 +124,7 @@ def test_unpack_asm(mode):
     for _ in range(200):
         u = torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64).tolist()
         lo = torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64).tolist()
-        out = _run_ptx(_ASM_INT8.value if mode == "int8" else _ASM_INT4.value, u + lo if mode == "int8" else u)
+        out = ptx.run(_ASM_INT8.value if mode == "int8" else _ASM_INT4.value, u + lo if mode == "int8" else u, 8)
         for k in range(4):
             for stream, reg in ((0, out[k]), (1, out[4 + k])):
                 for half in range(2):

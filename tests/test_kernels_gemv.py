@@ -12,10 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton.jit
 
+import ptx  # noqa: E402
 from heavy_tails import student_t2  # noqa: E402
 
 from vllm_quantspec.draft_weights import W4Weight, bf16x2_linear, dequantize, pack_int4, quantize_w4  # noqa: E402
-from vllm_quantspec.kernels.w4a16_gemv import repack, step_tile, w4a16_gemv  # noqa: E402
+from vllm_quantspec.kernels.w4a16_gemv import _ASM_WORD_BF16X2, repack, step_tile, w4a16_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,6 +99,26 @@ def test_bf16x2_rounds_each_words_sum(second, expected):
     assert (x.float() @ dequantize(w4).T).item() == 2**-9
     assert bf16x2_linear(x, w4).item() == expected
     assert _gemv(x, w4, bf16x2=True).item() == expected
+
+
+def test_bf16x2_word_asm():
+    """The GPU's inline PTX for one word (run by tests/ptx.py: the Triton interpreter cannot run inline asm,
+    and its twin truncates where the GPU rounds): for p = 0..3, nibbles p (low lane) and p + 4 (high lane)
+    minus 8 times activation pair p added to the lane's sum, each rounded to bfloat16 (to nearest, as
+    draft_weights.bf16x2_linear), then the two lanes' sum in fp32. Heavy-tailed activations: sums that round."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        word = int(torch.randint(0, 2**32, (), generator=gen))
+        x = student_t2((4, 2), gen).to(torch.bfloat16).view(torch.int16).int().tolist()
+        pairs = [(lo & 0xFFFF) | ((hi & 0xFFFF) << 16) for lo, hi in x]
+        lanes = []
+        for shift in (0, 16):
+            acc = -0.0
+            for p in range(4):
+                q = ((word >> (shift + 4 * p)) & 15) - 8
+                acc = ptx.bf16_value(ptx.bf16_bits(q * ptx.bf16_value(pairs[p] >> shift) + acc))
+            lanes.append(acc)
+        assert ptx.run(_ASM_WORD_BF16X2.value, [word] + pairs, 1)[0] == ptx.f32_bits(lanes[0] + lanes[1]), (word, x)
 
 
 @pytest.mark.parametrize("bf16x2", [False, True])
