@@ -15,7 +15,8 @@ writes the output directly. Chunked prefill is the same kernel with several quer
 Dequantization folded into the math (no dequantized K or V tile ever exists):
   keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
   values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
-with int4: c = U, sc = s, off = min; int8: c = 16*U + L (integer ops), sc = s/16, off = min - 7.5*s/16.
+with int4: c = U, sc = s, off = min (odd channels: their high nibbles masked in place, c = 16*U, sc = s/16);
+int8: c = 16*U + L (integer ops), sc = s/16, off = min - 7.5*s/16.
 Dot operands are fp16: codes as the bit pattern 0x6400 | c, which is the fp16 number 1024 + c
 (exact, no int->float conversion: inline asm unpacks 4-byte words; 1024 * sum(weights) is taken off
 in fp32 after the dot), weights q*sc as they are and p*sc scaled per tile by a power of two (p can
