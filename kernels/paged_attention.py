@@ -12,6 +12,14 @@ full-precision tail); split s takes a contiguous run of units and writes a parti
 output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one split the program
 writes the output directly. Chunked prefill is the same kernel with several query blocks.
 
+Transposed page loop (SWAP: queries of at most SWAP_ROWS rows, i.e. draft steps and target-only
+decode: GRP rows). An MMA's M is 16, so a 4-row query on M leaves 12 of 16 rows of every dot, score
+and accumulator tile as padding. SWAP puts the tile's tokens on M instead (s^T = c @ w^T, out^T =
+c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the HMMAs, and the softmax, P and
+accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of [16, BLOCK_N] and [16, D/2]
+(sm_90 page loop: 30.8 -> 23.5 warp instructions per token for INT4 at 2 warps, 39.2 -> 30.7 for INT8;
+attention-ab-swap-h200: 1.13-1.19x as fast from 32k). The full-precision tail runs untransposed.
+
 Dequantization folded into the math (no dequantized K or V tile ever exists):
   keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
   values per token, x = off[n] + sc[n]*c:   out   = (p*sc) @ c + p . off        (one fp32 row term)
@@ -165,17 +173,18 @@ def _fp_operand(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i):
-    """One step of the log2-domain online softmax; rows with no visible key so far stay (-inf, 0)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _online_softmax(s, m_i, l_i, AXIS: tl.constexpr = 1):
+    """One step of the log2-domain online softmax over s's keys (its axis AXIS); rows with no visible
+    key so far stay (-inf, 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s - tl.expand_dims(m_safe, AXIS))
     alpha = tl.math.exp2(m_i - m_safe)
-    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
+    return p, alpha, l_i * alpha + tl.sum(p, axis=AXIS), m_new
 
 
 @triton.jit
-def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o):
+def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o, SWAP: tl.constexpr):
     """A page's per-channel key metadata folded into the query: fp16 weights of the codes and the
     fp32 row term q . off - 1024 * sum(weights) (with the rounded weights: the 1024 cancels exactly).
     No rescaling: an fp16 weight keeps 11 bits down to 2**-14; smaller ones (subnormal) err by at
@@ -183,11 +192,22 @@ def _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o):
     the 2**-11 relative rounding of the others. |q * s * sm_scale| stays far below fp16's 65504."""
     qf_e = q_e.to(tl.float32)
     qf_o = q_o.to(tl.float32)
-    w_e = (qf_e * sc_e[None, :]).to(tl.float16)
-    w_o = (qf_o * sc_o[None, :]).to(tl.float16)
-    row = tl.sum(qf_e * off_e[None, :] + qf_o * off_o[None, :] -
-                 1024.0 * (w_e.to(tl.float32) + w_o.to(tl.float32)), axis=1)
+    CH: tl.constexpr = 0 if SWAP else 1  # the channel axis (SWAP: q is [D/2, M])
+    w_e = (qf_e * tl.expand_dims(sc_e, 1 - CH)).to(tl.float16)
+    w_o = (qf_o * tl.expand_dims(sc_o, 1 - CH)).to(tl.float16)
+    row = tl.sum(qf_e * tl.expand_dims(off_e, 1 - CH) + qf_o * tl.expand_dims(off_o, 1 - CH) -
+                 1024.0 * (w_e.to(tl.float32) + w_o.to(tl.float32)), axis=CH)
     return w_e, w_o, row
+
+
+@triton.jit
+def _pv(pw, ct, SWAP: tl.constexpr):
+    """P @ V of a tile from the value codes ct [D/2, BLOCK_N]: [M, D/2], or its transpose with SWAP."""
+    if SWAP:
+        res = tl.dot(ct, pw)
+    else:
+        res = tl.dot(pw, tl.trans(ct))
+    return res
 
 
 @triton.jit
@@ -195,7 +215,7 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
                b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
                ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t,
                D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
-               EMULATE: tl.constexpr, MASKED: tl.constexpr):
+               EMULATE: tl.constexpr, MASKED: tl.constexpr, SWAP: tl.constexpr):
     """One BLOCK_N-token tile of a page (unit u of the sequence) folded into the online softmax.
     The page's key weights are carried from tile to tile and recomputed when a page starts.
     MASKED: rows read only keys below their own Q(t) (tiles where Q(t) steps inside the block)."""
@@ -225,16 +245,21 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
             sc_o *= 0.0625
         else:  # the odd stream's codes come as 16c
             sc_o *= 0.0625
-        w_e, w_o, row_k = _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o)
+        w_e, w_o, row_k = _key_weights(sc_e, sc_o, off_e, off_o, q_e, q_o, SWAP)
     c_e, c_o = _codes(khi_ptr + pl, klo_ptr + pl, tile_off, INT8, EMULATE)
-    s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
-    s += row_k[:, None]
+    KEYS: tl.constexpr = 0 if SWAP else 1  # the key axis of s (SWAP: s is [BLOCK_N, M], acc [D/2, M])
+    if SWAP:
+        s = tl.dot(c_e, w_e) + tl.dot(c_o, w_o)
+    else:
+        s = tl.dot(w_e, tl.trans(c_e)) + tl.dot(w_o, tl.trans(c_o))
+    s += tl.expand_dims(row_k, KEYS)
     if MASKED:
-        s = tl.where(((u // sub) * G + rows)[None, :] < q_row[:, None], s, float("-inf"))
+        s = tl.where(tl.expand_dims((u // sub) * G + rows, 1 - KEYS) < tl.expand_dims(q_row, KEYS), s,
+                     float("-inf"))
 
-    p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
-    acc_e *= alpha[:, None]
-    acc_o *= alpha[:, None]
+    p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i, KEYS)
+    acc_e *= tl.expand_dims(alpha, KEYS)
+    acc_o *= tl.expand_dims(alpha, KEYS)
 
     # Values: the per-token scale goes into p (one power-of-two scale for the tile), the offset
     # into one row term. Their planes are token-minor (a word: one channel pair of 4 tokens), so the
@@ -242,8 +267,6 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
     pv_tile = blk * pl_blk + h * pl_h + (u % sub) * BLOCK_N  # scalar byte offset of the tile's first token
     v_off = i[:, None] * (G // 4) + tl.arange(0, BLOCK_N // 4)[None, :]
     ct_e, ct_o = _codes(vhi_ptr + pv_tile, vlo_ptr + pv_tile, v_off, INT8, EMULATE)
-    c_e = tl.trans(ct_e)
-    c_o = tl.trans(ct_o)
     if VG == D:
         # 32-bit words again (word j: tokens 2j and 2j+1; vm_t == 1), scale and offset in one load (the
         # offsets sit vmn_words words after the scales): the pipeliner prefetches only loads that feed a
@@ -258,16 +281,17 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
             vsc *= 0.0625
         # p <= 1 but p * s can be tiny: one power-of-two scale per tile keeps fp16's 11 bits
         scale, unscale = _pow2_norm(tl.max(vsc, axis=0))
-        pw = (p * (vsc * scale)[None, :]).to(tl.float16)
+        pw = (p * tl.expand_dims(vsc * scale, 1 - KEYS)).to(tl.float16)
         if INT8:
-            corr = tl.sum(p * voff[None, :] - (1024.0 * unscale) * pw.to(tl.float32), axis=1)
-            acc_e += tl.dot(pw, c_e) * unscale + corr[:, None]
-            acc_o += tl.dot(pw, c_o) * unscale + corr[:, None]
+            corr = tl.expand_dims(tl.sum(p * tl.expand_dims(voff, 1 - KEYS) - (1024.0 * unscale) * pw.to(tl.float32),
+                                         axis=KEYS), KEYS)
+            acc_e += _pv(pw, ct_e, SWAP) * unscale + corr
+            acc_o += _pv(pw, ct_o, SWAP) * unscale + corr
         else:  # the odd stream's codes come as 16c: its 1024 * sum(pw) goes in 16x smaller
-            off_sum = tl.sum(p * voff[None, :], axis=1)
-            pw_sum = tl.sum(pw.to(tl.float32), axis=1) * unscale
-            acc_e += tl.dot(pw, c_e) * unscale + (off_sum - 1024.0 * pw_sum)[:, None]
-            acc_o += tl.dot(pw, c_o) * (unscale * 0.0625) + (off_sum - 64.0 * pw_sum)[:, None]
+            off_sum = tl.expand_dims(tl.sum(p * tl.expand_dims(voff, 1 - KEYS), axis=KEYS), KEYS)
+            pw_sum = tl.expand_dims(tl.sum(pw.to(tl.float32), axis=KEYS) * unscale, KEYS)
+            acc_e += _pv(pw, ct_e, SWAP) * unscale + (off_sum - 1024.0 * pw_sum)
+            acc_o += _pv(pw, ct_o, SWAP) * (unscale * 0.0625) + (off_sum - 64.0 * pw_sum)
     else:
         # Several value groups per token: dequantize the tile in fp32 (a rare layout, off the hot
         # path); the fp32 dot runs as tf32 on the GPU (fp32 range, fp16-like precision).
@@ -278,8 +302,8 @@ def _page_tile(u, u_start, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_
             voff -= vsc * (7.5 / 16)
             vsc *= 0.0625
         vsc_o = vsc if INT8 else vsc * 0.0625  # int4's odd stream: codes 16c
-        acc_e += tl.dot(p, voff + vsc * (c_e.to(tl.float32) - 1024.0))
-        acc_o += tl.dot(p, voff + vsc_o * (c_o.to(tl.float32) - 1024.0))
+        acc_e += tl.dot(p, voff + vsc * (tl.trans(ct_e).to(tl.float32) - 1024.0))
+        acc_o += tl.dot(p, voff + vsc_o * (tl.trans(ct_o).to(tl.float32) - 1024.0))
     return m_i, l_i, acc_e, acc_o, w_e, w_o, row_k
 
 
@@ -315,7 +339,7 @@ def _paged_attention_kernel(
     HQ: tl.constexpr, GRP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     FP_W: tl.constexpr, DIRECT: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
-    WRITE_RING: tl.constexpr,
+    WRITE_RING: tl.constexpr, SWAP: tl.constexpr,
 ):
     split = tl.program_id(0) % num_splits
     qb = tl.program_id(0) // num_splits
@@ -363,12 +387,21 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
-    acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
     # Page tiles below q_lo are read whole by every row; the rest (at most one page for decode and
-    # verify) masks each row at its own Q(t).
-    w_e = tl.zeros([BLOCK_M, D // 2], tl.float16)
-    w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
+    # verify) masks each row at its own Q(t). SWAP: the page loop works on transposes ([D/2, M] and
+    # [BLOCK_N, M]: the tokens on the dots' M axis), which the full-precision tail turns back.
+    if SWAP:
+        acc_e = tl.zeros([D // 2, BLOCK_M], tl.float32)
+        acc_o = tl.zeros([D // 2, BLOCK_M], tl.float32)
+        w_e = tl.zeros([D // 2, BLOCK_M], tl.float16)
+        w_o = tl.zeros([D // 2, BLOCK_M], tl.float16)
+        q_e = tl.trans(q_e)
+        q_o = tl.trans(q_o)
+    else:
+        acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        w_e = tl.zeros([BLOCK_M, D // 2], tl.float16)
+        w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
     row_k = tl.zeros([BLOCK_M], tl.float32)
     page_args = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
                  ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t)
@@ -377,12 +410,16 @@ def _paged_attention_kernel(
     for u in range(u_lo, u_mid):
         m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
             u, u_lo, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
-            D, G, VG, BLOCK_N, INT8, EMULATE, False)
+            D, G, VG, BLOCK_N, INT8, EMULATE, False, SWAP)
     u_first = tl.maximum(u_lo, n_whole)
     for u in range(u_first, tl.minimum(u_hi, n_page_units)):
         m_i, l_i, acc_e, acc_o, w_e, w_o, row_k = _page_tile(
             u, u_first, m_i, l_i, acc_e, acc_o, w_e, w_o, row_k, q_e, q_o, q_row, *page_args,
-            D, G, VG, BLOCK_N, INT8, EMULATE, True)
+            D, G, VG, BLOCK_N, INT8, EMULATE, True, SWAP)
+
+    if SWAP:
+        acc_e = tl.trans(acc_e)
+        acc_o = tl.trans(acc_o)
 
     # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
     slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -466,6 +503,9 @@ def _pick_num_splits(num_programs: int, max_units: int, num_warps: int) -> int:
     return max(1, min(want, max_units, 256))
 
 
+SWAP_ROWS = 8  # queries of up to this many rows (tokens x GRP) run the page loop transposed: the MMA's N
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A launch's tile sizes (compile-time parameters) and warps."""
@@ -474,6 +514,7 @@ class Tiles:
     block_n: int
     block_f: int
     num_warps: int
+    swap: bool = False
 
     @staticmethod
     def of(max_query_len: int, grp: int, G: int, batch_invariant: bool = False, block_m: int | None = None,
@@ -486,11 +527,14 @@ class Tiles:
         session), 2 against 4 warps in µs a layer: INT4 91.7 / 106.0 at 1 x 128k, 94.4 / 109.4 at 4 x 32k,
         70.7 / 76.2 at 16 x 4k; INT8 121.1 / 127.7 at 1 x 128k, 126.2 / 128.8 at 4 x 32k, but 46.7 / 45.1
         at 1 x 32k and 83.1 / 81.2 at 16 x 4k. 4 warps stay at 1 x 4k, whose 256 page tiles fill 2
-        programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x)."""
+        programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x).
+        Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring);
+        a 20-row verify transposed (32-row blocks) ran at 0.74-0.81x the speed (attention-ab-swap-h200, T)."""
+        swap = not batch_invariant and block_m is None and max_query_len * grp <= SWAP_ROWS
         if block_m is None:
             block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
         block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
-        block_m = max(16, triton.next_power_of_2(block_q * grp))
+        block_m = max(8 if swap else 16, triton.next_power_of_2(block_q * grp))
         if block_n is None:
             block_n = 128 if block_m <= 32 else 64
         if num_warps is None:
@@ -498,17 +542,18 @@ class Tiles:
             page_tiles = seq_heads * triton.cdiv(max_seq_len, min(G, block_n))
             # one query token, not any 16-row block: a verify of up to 4 tokens x 4 heads fits 16 rows too, and
             # the sweep found verifies faster at 4 warps
-            if max_query_len == 1 and block_m == 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
+            if max_query_len == 1 and block_m <= 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
                 num_warps = 2
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
-        return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps)
+        return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps, swap)
 
     def constants(self, HQ: int, grp: int, D: int, G: int, VG: int, mode: str, direct: bool,
                   write_ring: bool) -> dict:
         """_paged_attention_kernel's compile-time arguments for these tiles."""
         return dict(HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=self.block_q, BLOCK_M=self.block_m,
                     BLOCK_N=self.block_n, BLOCK_F=self.block_f, FP_W=_fp_weight(mode, self.block_f, self.block_n),
-                    DIRECT=direct, INT8=mode == "int8", EMULATE=interpreting(), WRITE_RING=write_ring)
+                    DIRECT=direct, INT8=mode == "int8", EMULATE=interpreting(), WRITE_RING=write_ring,
+                    SWAP=self.swap and VG == D)
 
 
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
@@ -557,7 +602,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         return out
     tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, seq_heads=B * H,
                      max_seq_len=max_seq_len)
-    block_q, block_m, block_n, block_f, num_warps = dataclasses.astuple(tiles)
+    block_q, block_m, block_n, block_f, num_warps, _ = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
         num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n), num_warps)

@@ -136,10 +136,22 @@ def test_unpack_asm(mode):
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_ragged(mode, num_splits):
-    """q_len 1, ragged contexts, lengths not multiples of G, two with no quantized page at all."""
+@pytest.mark.parametrize("block_m", [None, 16])
+def test_decode_ragged(mode, num_splits, block_m):
+    """q_len 1, ragged contexts, lengths not multiples of G, two with no quantized page at all; the page
+    loop transposed (the default for 4 rows) and not (16-row blocks)."""
+    assert Tiles.of(1, 4, 16).swap and not Tiles.of(1, 4, 16, block_m=16).swap
     args = _scenario([1, 1, 1, 1], [75, 16, 130, 7])
-    _check(args, mode, num_splits=num_splits)
+    _check(args, mode, num_splits=num_splits, block_m=block_m)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_swapped_masked_tiles(mode):
+    """Two-token queries (8 rows: the transposed page loop) whose tokens straddle a group boundary, so
+    their last page is read with a mask per row: C = keep - 1 + k * G, k >= 1."""
+    assert Tiles.of(2, 4, 16).swap
+    args = _scenario([2, 2, 2], [51, 35, 67], keep=20, seed=3)
+    _check(args, mode, num_splits=2)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
@@ -344,10 +356,13 @@ def test_dequantize_pages_matches_reference(mode, VG):
 def test_launch_heuristic():
     """The backend's launch: single-token programs (INT4 draft steps, INT8 target-only decode) take 2 warps
     once the page tiles fill 4 programs per SM (tune-attention-h200), verifies keep 4, and the split count
-    fills 8 warps per SM (at least 2 programs), never more splits than page tiles."""
+    fills 8 warps per SM (at least 2 programs), never more splits than page tiles. Queries of up to 8 rows
+    run the page loop transposed (8-row blocks), the others not."""
     sms = _num_sms()
     decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
-    assert (decode.block_m, decode.num_warps, verify.block_m, verify.num_warps) == (16, 4, 32, 4)
+    assert (decode.block_m, decode.num_warps, decode.swap) == (8, 4, True)
+    assert (verify.block_m, verify.num_warps, verify.swap) == (32, 4, False)
+    assert not Tiles.of(3, 4, 128).swap and not Tiles.of(1, 4, 128, True).swap
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms, max_seq_len=128).num_warps == 2
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms - 1, max_seq_len=128) == decode
     assert Tiles.of(5, 4, 128, seq_heads=64 * sms, max_seq_len=128) == verify
