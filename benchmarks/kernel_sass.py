@@ -56,8 +56,8 @@ MAXNREG = (168, 128)
 
 
 def compile_sm90(q_len: int, mode: str, block_n: int | None = None, num_warps: int | None = None,
-                 maxnreg: int | None = None):
-    t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps)
+                 maxnreg: int | None = None, block_m: int | None = None):
+    t = Tiles.of(q_len, HQ // H, G, block_n=block_n, num_warps=num_warps, block_m=block_m)
     const = t.constants(HQ, HQ // H, D, G, D, mode, direct=False, write_ring=True) | ONES  # the backend's launch
     names = _paged_attention_kernel.arg_names
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
@@ -148,10 +148,10 @@ def source_lines(path: str, span: tuple[int, int], top: int = 10) -> list[str]:
 
 
 def page_loop_summary(q_len: int, mode: str, tmp: str, block_n: int | None = None, num_warps: int | None = None,
-                      maxnreg: int | None = None) -> str:
+                      maxnreg: int | None = None, block_m: int | None = None) -> str:
     """One launch variant's page loop: warp instructions per token and KV head, spill loads/stores in it,
     and the resource line."""
-    k, t = compile_sm90(q_len, mode, block_n, num_warps, maxnreg)
+    k, t = compile_sm90(q_len, mode, block_n, num_warps, maxnreg, block_m)
     usage, loops = sass_report(write_cubin(k, tmp))
     n, ops, *_ = loops[0]
     return f"{n * t.num_warps / t.block_n:.1f} per token, LDL+STL {ops['LDL'] + ops['STL']}  ({usage})"
@@ -173,7 +173,8 @@ def main() -> None:
         cubin = write_cubin(k, tmp)
         usage, loops = sass_report(cubin)
         n, ops, span, _ = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
-        lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps}  {usage}",
+        lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps} "
+                  f"{'transposed ' if t.swap else ''}{usage}",
                   f"  page loop: {n} instructions per warp and tile = {n * t.num_warps / t.block_n:.1f} warp "
                   "instructions per token and KV head",
                   "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
@@ -189,6 +190,12 @@ def main() -> None:
               "instructions per token and KV head of the page loop, spill loads/stores in it"]
     for q_len, mode in TWO_WARPS:
         lines.append(f"  {mode} q_len={q_len}: " + page_loop_summary(q_len, mode, tmp, 128, 2))
+    lines += ["", "single-token launches at 2 warps, BLOCK_N=128, the page loop transposed (8-row blocks: the tokens "
+              "on the MMA's M, the backend's default) and not (16-row blocks): warp instructions per token and KV "
+              "head, spill loads/stores"]
+    for mode in ("int4", "int8"):
+        for block_m, label in ((None, "transposed"), (16, "untransposed")):
+            lines.append(f"  {mode} {label}: " + page_loop_summary(1, mode, tmp, 128, 2, block_m=block_m))
     lines += ["", "decode at the backend's tiles with a register cap (maxnreg; 65536 registers per SM hold 2 programs "
               "of 4 warps at 255, 3 at 168, 4 at 128): the page loop's warp instructions per token and KV head, "
               "spill loads/stores in it"]
