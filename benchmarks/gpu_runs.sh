@@ -69,6 +69,10 @@
 #   arguments now; not kept); a fresh machine: calls 1-3, the third with `NO_TESTS=1 attention-ab 68f40fd 4b614a3 U Y`,
 #   then `kernel-tests` and `batch1-gemv default` in one call (on U, committed as 0ded1cb), `target-only`, .gpu/m1,
 #   .gpu/m2 + `backend-tests` (device time spent)
+#   twenty-fifth session: calls 1-3, the third with `NO_TESTS=1 attention-ab 0ded1cb R168 R128` (register caps, not
+#   kept), .gpu/m1, .gpu/m2 + `agreement-async`; a fresh machine: calls 1-3, the third with `attention-ab S 0ded1cb T`
+#   (the transposed page loop); a fresh machine: calls 1-3, the third with `kernel-tests` and `target-only` (5d793a9),
+#   then `b8` under `timeout 200` (cut by the device time left before its first engine finished: nothing came back)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
