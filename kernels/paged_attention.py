@@ -529,7 +529,7 @@ class Tiles:
         at 1 x 32k and 83.1 / 81.2 at 16 x 4k. 4 warps stay at 1 x 4k, whose 256 page tiles fill 2
         programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x).
         Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring);
-        a 20-row verify transposed (32-row blocks) ran at 0.74-0.81x the speed (attention-ab-swap-h200, T)."""
+        a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200, T)."""
         swap = not batch_invariant and block_m is None and max_query_len * grp <= SWAP_ROWS
         if block_m is None:
             block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
