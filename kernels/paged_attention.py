@@ -390,18 +390,13 @@ def _paged_attention_kernel(
     # Page tiles below q_lo are read whole by every row; the rest (at most one page for decode and
     # verify) masks each row at its own Q(t). SWAP: the page loop works on transposes ([D/2, M] and
     # [BLOCK_N, M]: the tokens on the dots' M axis), which the full-precision tail turns back.
+    acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    w_e = tl.zeros([BLOCK_M, D // 2], tl.float16)
+    w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
     if SWAP:
-        acc_e = tl.zeros([D // 2, BLOCK_M], tl.float32)
-        acc_o = tl.zeros([D // 2, BLOCK_M], tl.float32)
-        w_e = tl.zeros([D // 2, BLOCK_M], tl.float16)
-        w_o = tl.zeros([D // 2, BLOCK_M], tl.float16)
-        q_e = tl.trans(q_e)
-        q_o = tl.trans(q_o)
-    else:
-        acc_e = tl.zeros([BLOCK_M, D // 2], tl.float32)
-        acc_o = tl.zeros([BLOCK_M, D // 2], tl.float32)
-        w_e = tl.zeros([BLOCK_M, D // 2], tl.float16)
-        w_o = tl.zeros([BLOCK_M, D // 2], tl.float16)
+        acc_e, acc_o, w_e, w_o = tl.trans(acc_e), tl.trans(acc_o), tl.trans(w_e), tl.trans(w_o)
+        q_e, q_o = tl.trans(q_e), tl.trans(q_o)
     row_k = tl.zeros([BLOCK_M], tl.float32)
     page_args = (b, h, qk_scale, bt_ptr, s_bt, khi_ptr, vhi_ptr, klo_ptr, vlo_ptr, pl_blk, pl_h, pl_t,
                  ksc_ptr, kmn_ptr, km_blk, km_h, vsc_ptr, vmn_ptr, vmn_words, vm_blk, vm_h, vm_t)
@@ -418,8 +413,7 @@ def _paged_attention_kernel(
             D, G, VG, BLOCK_N, INT8, EMULATE, True, SWAP)
 
     if SWAP:
-        acc_e = tl.trans(acc_e)
-        acc_o = tl.trans(acc_o)
+        acc_e, acc_o = tl.trans(acc_e), tl.trans(acc_o)
 
     # Full-precision tail: ring positions [Q, C), then the new tokens [C, seq_len), causal.
     slot = tl.load(slot_ptr + b).to(tl.int64)
