@@ -68,8 +68,9 @@ def report(path: str) -> None:
         b = sweep[0]
         md.append(f"| {mode} | {q_len} | {batch} | {ctx} | {d['fa3_us']:.1f} | {d['us']:.1f} ({d['splits']}) | "
                   f"{b['us']:.1f} | {b['block_n']}, {b['warps']}, {b['stages']}, {b['maxnreg']}, {b['splits']} |")
-        curve = sorted((r["splits"], r["us"]) for r in sweep
-                       if (r["warps"], r["stages"], r["maxnreg"]) == (d["warps"], 2, None))
+        # (sweeps before the one-warp INT4 rule recorded no block_n for the default: 128 then)
+        curve = sorted((r["splits"], r["us"]) for r in sweep if (r["block_n"], r["warps"], r["stages"], r["maxnreg"])
+                       == (d.get("block_n", 128), d["warps"], 2, None))
         ax = axes[mode, q_len]
         line, = ax.plot(*zip(*curve), marker="o", ms=3, label=f"{batch} x {ctx // 1024}k")
         ax.axhline(d["fa3_us"], color=line.get_color(), ls=":", lw=1)
@@ -125,13 +126,13 @@ def main():
         measured = {r["op"]: r["us"] for r in attention_rows(batch, ctx, q_len, math.nan)}
         fa3_us = measured["fa3_bf16"]
         case = quantized_case(batch, ctx, q_len)
-        # the backend's launch (paged_attention's defaults; the same for both modes)
-        default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx)
         for mode in modes:
+            # the backend's launch (paged_attention's defaults)
+            default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx, mode=mode)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)
-            launches = (list(itertools.product((default_tiles.block_n,), (2, 4), (2,), MAXNREG))
+            launches = (list(itertools.product((128,), (2, 4), (2,), MAXNREG))
                         + [(64, 1, 2, None), (32, 1, 2, None)] if args.quick
                         else list(itertools.product((64, 128), (2, 4, 8), STAGES, MAXNREG)))
             rows = []
@@ -156,7 +157,8 @@ def main():
             results += rows
             b = rows[0]
             results.append(dict(batch=batch, ctx=ctx, q_len=q_len, mode=mode, default=True, splits=heuristic,
-                                warps=default_tiles.num_warps, us=default, fa3_us=fa3_us))
+                                block_n=default_tiles.block_n, warps=default_tiles.num_warps, us=default,
+                                fa3_us=fa3_us))
             print(json.dumps(dict(best=b, default_us=default, default_splits=heuristic, fa3_us=fa3_us,
                                   n_configs=len(rows))),
                   flush=True)

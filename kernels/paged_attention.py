@@ -498,6 +498,9 @@ def _pick_num_splits(num_programs: int, max_units: int, num_warps: int) -> int:
 
 
 SWAP_ROWS = 8  # queries of up to this many rows (tokens x GRP) run the page loop transposed: the MMA's N
+# INT4 draft steps with at least this many 64-token page tiles per program, at 8 one-warp programs per SM
+# (Tiles.of), run one warp a program
+ONE_WARP_TILES = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,7 +516,7 @@ class Tiles:
     @staticmethod
     def of(max_query_len: int, grp: int, G: int, batch_invariant: bool = False, block_m: int | None = None,
            block_n: int | None = None, num_warps: int | None = None, *, seq_heads: int = 0,
-           max_seq_len: int = 0) -> "Tiles":
+           max_seq_len: int = 0, mode: str = "int8") -> "Tiles":
         """M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
         `seq_heads` (sequences x kv heads) and `max_seq_len` let the default warps follow the launch:
         single-token launches (INT4 draft steps, INT8 target-only decode) with page tiles enough
@@ -523,20 +526,29 @@ class Tiles:
         at 1 x 32k and 83.1 / 81.2 at 16 x 4k. 4 warps stay at 1 x 4k, whose 256 page tiles fill 2
         programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x).
         Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring);
-        a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200, T)."""
+        a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200, T).
+        On that transposed loop, INT4 draft steps over ONE_WARP_TILES or more 64-token page tiles per program
+        take one warp over 64-token tiles, 8 programs per SM (tune-attention-h200, twenty-sixth session, µs a
+        layer, against 2 warps over 128-token tiles): 71.5 / 76.3 at 1 x 128k (15.5 tiles a program), 74.2 /
+        78.8 at 4 x 32k (15.5), 56.9 / 59.9 at 16 x 4k (7.8), but 35.4 / 32.9 at 1 x 32k (3.9); the INT8
+        decode stays at 2 warps (one warp: 101.8-103.6 / 94.4 at 1 x 128k)."""
         swap = not batch_invariant and block_m is None and max_query_len * grp <= SWAP_ROWS
         if block_m is None:
             block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
         block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
         block_m = max(8 if swap else 16, triton.next_power_of_2(block_q * grp))
+        # one query token, not any 16-row block: a verify of up to 4 tokens x 4 heads fits 16 rows too, and
+        # the sweep found verifies faster at 4 warps
+        single_token = max_query_len == 1 and block_m <= 16 and not batch_invariant
+        if (single_token and swap and mode == "int4" and block_n is None and num_warps is None
+                and seq_heads * triton.cdiv(max_seq_len, min(G, 64)) >= ONE_WARP_TILES * 8 * _num_sms()):
+            block_n, num_warps = 64, 1
         if block_n is None:
             block_n = 128 if block_m <= 32 else 64
         if num_warps is None:
             num_warps = 4 if block_m <= 32 else 8
             page_tiles = seq_heads * triton.cdiv(max_seq_len, min(G, block_n))
-            # one query token, not any 16-row block: a verify of up to 4 tokens x 4 heads fits 16 rows too, and
-            # the sweep found verifies faster at 4 warps
-            if max_query_len == 1 and block_m <= 16 and not batch_invariant and page_tiles >= 4 * _num_sms():
+            if single_token and page_tiles >= 4 * _num_sms():
                 num_warps = 2
         # block_f divides G: full-precision tiles start at fixed positions (batch_invariant)
         return Tiles(block_q, block_m, min(G, block_n), min(32, G), num_warps, swap)
@@ -563,7 +575,8 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     backend's ring write would after the attention (only for queries short enough that the ring holds
     them next to every row they read: decode, verify and draft steps). The defaults of the launch parameters
     are the fastest measured on an H100 and H200: decode/verify (M <= 32 rows) 4 warps over 128-token tiles
-    (2 for single-token steps over enough page tiles: `Tiles.of`), prefill (M = 64) 8 warps over
+    (2 for single-token steps over enough page tiles, 1 over 64-token tiles for INT4 draft steps over
+    many: `Tiles.of`), prefill (M = 64) 8 warps over
     64-token tiles (fewer registers per thread: no spills). `maxnreg` caps
     the registers per thread (ptxas spills the rest): tune_attention.py measures whether more programs per
     SM pay for the spills; unset, ptxas takes what it needs (255 for decode: two programs per SM).
@@ -595,7 +608,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     if T == 0:
         return out
     tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, seq_heads=B * H,
-                     max_seq_len=max_seq_len)
+                     max_seq_len=max_seq_len, mode=mode)
     block_q, block_m, block_n, block_f, num_warps, _ = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:

@@ -31,6 +31,7 @@ from vllm_quantspec import hierarchical_kv as hk  # noqa: E402
 from vllm_quantspec.kernels.paged_attention import (  # noqa: E402
     _ASM_INT4,
     _ASM_INT8,
+    ONE_WARP_TILES,
     Tiles,
     _num_sms,
     _pick_num_splits,
@@ -356,7 +357,8 @@ def test_dequantize_pages_matches_reference(mode, VG):
 def test_launch_heuristic():
     """The backend's launch: single-token programs (INT4 draft steps, INT8 target-only decode) take 2 warps
     once the page tiles fill 4 programs per SM (tune-attention-h200), verifies keep 4, and the split count
-    fills 8 warps per SM (at least 2 programs), never more splits than page tiles. Queries of up to 8 rows
+    fills 8 warps per SM (at least 2 programs), never more splits than page tiles. INT4 draft steps over
+    many page tiles take one warp over 64-token tiles. Queries of up to 8 rows
     run the page loop transposed (8-row blocks), the others not."""
     sms = _num_sms()
     decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
@@ -369,6 +371,15 @@ def test_launch_heuristic():
     assert Tiles.of(4, 4, 128, seq_heads=64 * sms, max_seq_len=128).num_warps == 4  # a 16-row verify
     assert Tiles.of(2, 3, 128, seq_heads=64 * sms, max_seq_len=128).num_warps == 4  # SmolLM2's γ=1 verify
     assert Tiles.of(1, 4, 128, True, seq_heads=64 * sms, max_seq_len=128).num_warps != 2
+    # INT4 draft steps over ONE_WARP_TILES 64-token tiles per program (8 programs per SM): one warp, 64-token tiles
+    many = ONE_WARP_TILES * 8 * sms
+    draft = Tiles.of(1, 4, 128, seq_heads=many, max_seq_len=64, mode="int4")
+    assert (draft.block_n, draft.num_warps, draft.swap) == (64, 1, True)
+    assert Tiles.of(1, 4, 128, seq_heads=many // 2, max_seq_len=128, mode="int4") == draft
+    assert Tiles.of(1, 4, 128, seq_heads=many - 1, max_seq_len=64, mode="int4").num_warps == 2
+    assert Tiles.of(1, 4, 128, seq_heads=many, max_seq_len=64).num_warps == 2  # the INT8 decode
+    assert Tiles.of(1, 4, 128, seq_heads=many, max_seq_len=64, mode="int4", num_warps=2).block_n == 128
+    assert Tiles.of(1, 4, 128, True, seq_heads=many, max_seq_len=64, mode="int4").num_warps != 1
     assert _pick_num_splits(8, 1024, 4) == 2 * sms // 8
     assert _pick_num_splits(8, 1024, 2) == 4 * sms // 8
     assert _pick_num_splits(8, 1024, 8) == 2 * sms // 8  # prefill's 8 warps: still 2 programs per SM
