@@ -73,6 +73,10 @@
 #   kept), .gpu/m1, .gpu/m2 + `agreement-async`; a fresh machine: calls 1-3, the third with `attention-ab S 0ded1cb T`
 #   (the transposed page loop); a fresh machine: calls 1-3, the third with `kernel-tests` and `target-only` (5d793a9),
 #   then `b8` under `timeout 200` (cut by the device time left before its first engine finished: nothing came back)
+#   twenty-sixth session: calls 1-3, the third with `b8` (470 s), `batch1-gemv default`, .gpu/m1, .gpu/m2 +
+#   `backend-tests`, `tune`; after the one-warp draft launch (33c93a3), a fresh machine: calls 1-3, the third with
+#   bench_e2e.py's QuantSpec engine alone at 1 x 128k by hand (e2e-onewarp-128k-h200; device time spent).
+#   `long-prompts` (test_prompts_up_to_128k) written after that: not run yet
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
@@ -93,6 +97,8 @@
 #   cache        the Triton and vLLM compile caches to $OUT/compile-cache.tgz.part-* (last call of a session); the
 #                next session puts them in .gpu/cache/ and carries that folder with a call before its first engine
 #   kernel-tests the kernels' GPU tests alone
+#   long-prompts SmolLM2: prompts of up to 128k tokens through the hierarchical cache, vLLM's default backend and
+#                QuantSpec (the backend suite's test_prompts_up_to_128k; .gpu/m1, .gpu/m2 first)
 #   attention-ab THIS REF [OTHER...]  the kernels' GPU tests, then attention_ab.py: the working tree's attention kernel
 #                against REF's and OTHERs' (carried as .gpu/ab/NAME.py) at the engine's launches, FA3 beside them, one run
 #   kernel-times [METHODS [CTX]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
@@ -175,8 +181,9 @@ stage_model() { bash benchmarks/gpu_model.sh stage >/dev/null || exit 1; }
 # the backend's bf16 engine suite on the staged SmolLM2 (stage_model first)
 # Its whole log goes to $OUT as it is written (python -u, tee), so a call that the device's limit kills still brings
 # back how far it got (the eighteenth session's `tests` was killed inside this suite and brought back nothing).
+# (without test_prompts_up_to_128k: three engines over 200k prompt tokens, a step of its own, `long-prompts`)
 backend_tests() {
-  QUANTSPEC_GPU_MODEL=$MODEL timeout 300 python -u -m pytest -m gpu -v -p no:cacheprovider -x \
+  QUANTSPEC_GPU_MODEL=$MODEL timeout 300 python -u -m pytest -m gpu -v -p no:cacheprovider -x -k "not 128k" \
     tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tee "$OUT/pytest-backend-h200.log" | tail -15 \
     | tee "$RUNS/pytest-backend-h200.txt"
 }
@@ -294,6 +301,13 @@ PY
     backend_tests
     cat "$RUNS/pytest-backend-h200.txt" >> "$RUNS/pytest-gpu-h200.txt"
     out "$RUNS/pytest-gpu-h200.txt"
+    ;;
+  long-prompts)
+    # issue 4's "prompts up to 128k" on the GPU: SmolLM2 bf16 with prompts of 131k, 65k and 3k tokens, the
+    # hierarchical cache against vLLM's default backend and QuantSpec against it (test_prompts_up_to_128k)
+    stage_model
+    QUANTSPEC_GPU_MODEL=$MODEL timeout 500 python -u -m pytest -m gpu -v -p no:cacheprovider -k 128k \
+      tests/test_hierarchical_kv_backend_gpu.py 2>&1 | tee "$OUT/pytest-long-prompts-h200.log" | tail -15
     ;;
   backend-tests)
     # `tests`' second part alone: its suite took 124 s at 924e1de but had not finished after about 220 s in the

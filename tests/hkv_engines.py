@@ -47,6 +47,15 @@ PROMPT_SPECS: tuple[tuple[str, str, int], ...] = (
 )
 
 
+# Long prompts (test_prompts_up_to_128k, GPU only): the plugin's default page size, vLLM's default chunked
+# prefill, and a model length of 128k. SmolLM2 was trained to 8k positions, so those engines need
+# VLLM_ALLOW_LONG_MAX_MODEL_LEN: its text past 8k is out of its training but deterministic, and what the
+# test compares is the cache, not the text.
+LONG_G = 128
+LONG_MODEL_LEN = 131072
+QUANTSPEC_GAMMA = 4  # the "quantspec" engines' γ
+
+
 @dataclass(frozen=True)
 class Prompt:
     label: str
@@ -77,6 +86,26 @@ def source_prompts(model: str) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
+@functools.cache
+def long_prompts(model: str, lengths: tuple[int, ...]) -> tuple[Prompt, ...]:
+    """Disjoint stretches, of these lengths, of one stream of real text: the installed vLLM package's source
+    files in path order (pinned by the lock, like PROMPT_SPECS)."""
+    from pathlib import Path
+
+    import vllm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids: list[int] = []
+    for path in sorted(Path(vllm.__file__).parent.rglob("*.py")):
+        if len(ids) >= sum(lengths):
+            break
+        ids += tok.encode(path.read_text(), add_special_tokens=False)
+    assert len(ids) >= sum(lengths), len(ids)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return tuple(Prompt(f"vllm source [{a}:{a + n}]", ids[a:a + n]) for a, n in zip(starts, lengths))
+
+
 def first_divergence(a: list[int], b: list[int]) -> int:
     """Index of the first differing token (the common length if one is a prefix of the other)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -99,8 +128,15 @@ PLATFORMS: dict[str, dict[str, Any]] = {
 def engine_kwargs(model: str, kind: str, platform: str = "cpu") -> dict[str, Any]:
     common = dict(model=model, max_model_len=MAX_MODEL_LEN, seed=0, max_num_seqs=MAX_NUM_SEQS, block_size=G,
                   enable_prefix_caching=False, **PLATFORMS[platform])
+    if kind.startswith("long_"):
+        common.update(max_model_len=LONG_MODEL_LEN, block_size=LONG_G, max_num_seqs=4)
+        kind = kind.removeprefix("long_")
     if kind == "default":  # vLLM's own backend (CPU_ATTN; FlashAttention on the GPU), full-precision KV
         return common
+    if kind == "quantspec":  # QuantSpec over the hierarchical cache (its backend is implied); stats on, for its counters
+        return {**common, "disable_log_stats": False,
+                "speculative_config": {"method": "quantspec", "num_speculative_tokens": QUANTSPEC_GAMMA,
+                                       "kv_group_size": common["block_size"]}}
     common["attention_backend"] = "CUSTOM"
     if kind == "hierarchical":
         return common

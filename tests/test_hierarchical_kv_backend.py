@@ -11,6 +11,7 @@ batch and a small step budget (preemption, chunked prefill).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -162,11 +163,9 @@ class FlushRecorder:
                       if r == request_id and (decode or not decode_only))
 
 
-@pytest.fixture(scope="module")
-def hierarchical(engines, prompts, reference):
-    """The 16 prompts x 128 tokens through the hierarchical backend (after the reference, so that only
-    one engine is alive at a time), with every flush recorded; and the request ids."""
-    llm = engines.get("hierarchical")
+@contextlib.contextmanager
+def recorded_flushes():
+    """Every target step's flushes (FlushRecorder) while the block is running."""
     recorder = FlushRecorder()
     build, flush = HierarchicalKVMetadataBuilder.build, HierarchicalKVImpl._flush
 
@@ -182,6 +181,24 @@ def hierarchical(engines, prompts, reference):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(HierarchicalKVMetadataBuilder, "build", recording_build)
         mp.setattr(HierarchicalKVImpl, "_flush", recording_flush)
+        yield recorder
+
+
+def flushed_exactly(recorder: FlushRecorder, request_id: str, prompt_len: int, new_tokens: int, G: int) -> bool:
+    """The last step's query sits at position P + new_tokens - 2 (the last token is sampled, never fed).
+    It reads from pages every whole group below that position minus G ("double" buffer: at least G tokens
+    before a query stay in full precision), so exactly those groups must have been flushed, each in one
+    step only."""
+    last = prompt_len + new_tokens - 2
+    return recorder.groups(request_id) == list(range(max(0, last - G) // G))
+
+
+@pytest.fixture(scope="module")
+def hierarchical(engines, prompts, reference):
+    """The 16 prompts x 128 tokens through the hierarchical backend (after the reference, so that only
+    one engine is alive at a time), with every flush recorded; and the request ids."""
+    llm = engines.get("hierarchical")
+    with recorded_flushes() as recorder:
         outs = llm.generate([p.as_input() for p in prompts], greedy(NEW_TOKENS, logprobs=TOP_LOGPROBS), use_tqdm=False)
     return Run.of(outs), recorder, [o.request_id for o in outs]
 
@@ -229,12 +246,7 @@ def test_every_group_is_flushed_once_in_every_layer_and_generations_cross_flushe
     seen = sum(s.layers > 0 for s in recorder.steps)
     show(request, f"flushes: {len(recorder.steps)} target steps, {seen} with their layers seen in Python")
     for prompt, request_id in zip(prompts, request_ids):
-        # The last step's query sits at position P + 126 (the 128th token is sampled, never fed). It
-        # reads from pages every whole group below P + 126 - G ("double" buffer: at least G tokens
-        # before a query stay in full precision), so exactly those groups must have been flushed.
-        last = len(prompt.token_ids) + NEW_TOKENS - 2
-        # each of them in one step only
-        assert recorder.groups(request_id) == list(range(max(0, last - G) // G)), prompt.label
+        assert flushed_exactly(recorder, request_id, len(prompt.token_ids), NEW_TOKENS, G), prompt.label
         decode_flushes = len(recorder.groups(request_id, decode_only=True))
         assert decode_flushes >= 4, (prompt.label, decode_flushes)
 
