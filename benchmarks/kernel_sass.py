@@ -181,7 +181,8 @@ def main() -> None:
         if (label, mode) == ("decode", "int4"):
             lines += ["  its instructions by source line:"] + source_lines(cubin, span)
     lines += ["", "decode int4, other launch parameters (above: 4 warps, BLOCK_N=128; the backend takes 2 warps for "
-              "draft steps over at least 4 page tiles per SM): warp instructions per token and KV head of the page "
+              "draft steps over at least 4 page tiles per SM, 1 warp over 64-token tiles for those over at least 6 "
+              "such tiles per program at 8 programs per SM): warp instructions per token and KV head of the page "
               "loop, spill loads/stores (LDL+STL) in it; static counts (with BLOCK_N < G the loop's page-start "
               "branch, run once a page, is counted for every tile)"]
     for warps, block_n in SWEEP:
