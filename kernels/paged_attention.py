@@ -13,7 +13,7 @@ output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one spl
 writes the output directly. Chunked prefill is the same kernel with several query blocks.
 
 Transposed page loop (SWAP: queries of at most SWAP_ROWS rows, i.e. draft steps and target-only
-decode: GRP rows). An MMA's M is 16, so a 4-row query on M leaves 12 of 16 rows of every dot, score
+decode: GRP rows; values quantized per token, as by default). An MMA's M is 16, so a 4-row query on M leaves 12 of 16 rows of every dot, score
 and accumulator tile as padding. SWAP puts the tile's tokens on M instead (s^T = c @ w^T, out^T =
 c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the HMMAs, and the softmax, P and
 accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of [16, BLOCK_N] and [16, D/2]
@@ -516,7 +516,7 @@ class Tiles:
     @staticmethod
     def of(max_query_len: int, grp: int, G: int, batch_invariant: bool = False, block_m: int | None = None,
            block_n: int | None = None, num_warps: int | None = None, *, seq_heads: int = 0,
-           max_seq_len: int = 0, mode: str = "int8") -> "Tiles":
+           max_seq_len: int = 0, mode: str = "int8", per_token_values: bool = True) -> "Tiles":
         """M = query tokens x GRP heads; decode/verify puts the whole query in one block, prefill tiles.
         `seq_heads` (sequences x kv heads) and `max_seq_len` let the default warps follow the launch:
         single-token launches (INT4 draft steps, INT8 target-only decode) with page tiles enough
@@ -525,14 +525,16 @@ class Tiles:
         70.7 / 76.2 at 16 x 4k; INT8 121.1 / 127.7 at 1 x 128k, 126.2 / 128.8 at 4 x 32k, but 46.7 / 45.1
         at 1 x 32k and 83.1 / 81.2 at 16 x 4k. 4 warps stay at 1 x 4k, whose 256 page tiles fill 2
         programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x).
-        Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring);
+        Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring), where
+        values are quantized per token (`per_token_values`: v_group == head_dim, the transposed loop's value
+        metadata);
         a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200, T).
         On that transposed loop, INT4 draft steps over ONE_WARP_TILES or more 64-token page tiles per program
         take one warp over 64-token tiles, 8 programs per SM (tune-attention-h200, twenty-sixth session, µs a
         layer, against 2 warps over 128-token tiles): 71.5 / 76.3 at 1 x 128k (15.5 tiles a program), 74.2 /
         78.8 at 4 x 32k (15.5), 56.9 / 59.9 at 16 x 4k (7.8), but 35.4 / 32.9 at 1 x 32k (3.9); the INT8
         decode stays at 2 warps (one warp: 101.8-103.6 / 94.4 at 1 x 128k)."""
-        swap = not batch_invariant and block_m is None and max_query_len * grp <= SWAP_ROWS
+        swap = not batch_invariant and block_m is None and per_token_values and max_query_len * grp <= SWAP_ROWS
         if block_m is None:
             block_m = 64 if max_query_len * grp > 32 else max(16, triton.next_power_of_2(max_query_len * grp))
         block_q = max(1, block_m // grp if batch_invariant else min(max_query_len, block_m // grp))
@@ -559,7 +561,7 @@ class Tiles:
         return dict(HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=self.block_q, BLOCK_M=self.block_m,
                     BLOCK_N=self.block_n, BLOCK_F=self.block_f, FP_W=_fp_weight(mode, self.block_f, self.block_n),
                     DIRECT=direct, INT8=mode == "int8", EMULATE=interpreting(), WRITE_RING=write_ring,
-                    SWAP=self.swap and VG == D)
+                    SWAP=self.swap)
 
 
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
@@ -608,7 +610,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
     if T == 0:
         return out
     tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, seq_heads=B * H,
-                     max_seq_len=max_seq_len, mode=mode)
+                     max_seq_len=max_seq_len, mode=mode, per_token_values=VG == D)
     block_q, block_m, block_n, block_f, num_warps, _ = dataclasses.astuple(tiles)
     n_qblocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:

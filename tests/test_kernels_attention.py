@@ -365,6 +365,7 @@ def test_launch_heuristic():
     assert (decode.block_m, decode.num_warps, decode.swap) == (8, 4, True)
     assert (verify.block_m, verify.num_warps, verify.swap) == (32, 4, False)
     assert not Tiles.of(3, 4, 128).swap and not Tiles.of(1, 4, 128, True).swap
+    assert Tiles.of(1, 4, 128, per_token_values=False) == Tiles(1, 16, 128, 32, 4)  # v_group < head_dim: untransposed
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms, max_seq_len=128).num_warps == 2
     assert Tiles.of(1, 4, 128, seq_heads=4 * sms - 1, max_seq_len=128) == decode
     assert Tiles.of(5, 4, 128, seq_heads=64 * sms, max_seq_len=128) == verify
