@@ -557,8 +557,8 @@ def write_table_and_plot(result: dict, stem: str) -> None:
              # a synthetic sampler realizes its pinned length only on average (4.06-4.19 against 4.083 over 128
              # tokens), which moves ms/token by as much: runs of one method compare better per step
              "", "ms/step: ms/token x the mean accepted length realized in the run (tokens per verify step).",
-             "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | ms/step | accept rate | mean accepted len "
-             "| KV tokens | weights GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| method | acceptance | batch | ctx | γ | ms/token | vs bf16 | ms/step | accept rate "
+             "| mean accepted len | KV tokens | weights GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["batch"], r["ctx"]))
         speed = f"{b / r['ms_per_token']:.2f}x" if b else "–"

@@ -13,11 +13,11 @@ output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one spl
 writes the output directly. Chunked prefill is the same kernel with several query blocks.
 
 Transposed page loop (SWAP: queries of at most SWAP_ROWS rows, i.e. draft steps and target-only
-decode: GRP rows; values quantized per token, as by default). An MMA's M is 16, so a 4-row query on M leaves 12 of 16 rows of every dot, score
-and accumulator tile as padding. SWAP puts the tile's tokens on M instead (s^T = c @ w^T, out^T =
-c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the HMMAs, and the softmax, P and
-accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of [16, BLOCK_N] and [16, D/2]
-(sm_90 page loop: 30.8 -> 23.5 warp instructions per token for INT4 at 2 warps, 39.2 -> 30.7 for INT8;
+decode: GRP rows; values quantized per token, as by default). An MMA's M is 16, so a 4-row query on M
+leaves 12 of 16 rows of every dot, score and accumulator tile as padding. SWAP puts the tile's tokens on
+M instead (s^T = c @ w^T, out^T = c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the
+HMMAs, and the softmax, P and accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of
+[16, BLOCK_N] and [16, D/2] (sm_90 page loop: 30.8 -> 23.5 warp instructions per token for INT4 at 2 warps, 39.2 -> 30.7 for INT8;
 attention-ab-swap-h200: 1.13-1.19x as fast from 32k). The full-precision tail runs untransposed.
 
 Dequantization folded into the math (no dequantized K or V tile ever exists):
@@ -527,8 +527,8 @@ class Tiles:
         programs per SM only. The INT8 verify is faster at 4 warps everywhere (1.6-1.9x).
         Queries of up to SWAP_ROWS rows run the page loop transposed, in 8-row blocks (module docstring), where
         values are quantized per token (`per_token_values`: v_group == head_dim, the transposed loop's value
-        metadata);
-        a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200, T).
+        metadata); a 20-row verify transposed (32-row blocks) ran at 0.73-0.81x the speed (attention-ab-swap-h200,
+        T).
         On that transposed loop, INT4 draft steps over ONE_WARP_TILES or more 64-token page tiles per program
         take one warp over 64-token tiles, 8 programs per SM (tune-attention-h200, twenty-sixth session, µs a
         layer, against 2 warps over 128-token tiles): 71.5 / 76.3 at 1 x 128k (15.5 tiles a program), 74.2 /

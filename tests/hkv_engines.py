@@ -133,7 +133,7 @@ def engine_kwargs(model: str, kind: str, platform: str = "cpu") -> dict[str, Any
         kind = kind.removeprefix("long_")
     if kind == "default":  # vLLM's own backend (CPU_ATTN; FlashAttention on the GPU), full-precision KV
         return common
-    if kind == "quantspec":  # QuantSpec over the hierarchical cache (its backend is implied); stats on, for its counters
+    if kind == "quantspec":  # QuantSpec over the hierarchical cache (its backend implied); stats on, for its counters
         return {**common, "disable_log_stats": False,
                 "speculative_config": {"method": "quantspec", "num_speculative_tokens": QUANTSPEC_GAMMA,
                                        "kv_group_size": common["block_size"]}}
