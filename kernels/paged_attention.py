@@ -12,13 +12,14 @@ full-precision tail); split s takes a contiguous run of units and writes a parti
 output, log2-sum-exp); `_merge_kernel` combines the splits exactly. With one split the program
 writes the output directly. Chunked prefill is the same kernel with several query blocks.
 
-Transposed page loop (SWAP: queries of at most SWAP_ROWS rows, i.e. draft steps and target-only
-decode: GRP rows; values quantized per token, as by default). An MMA's M is 16, so a 4-row query on M
-leaves 12 of 16 rows of every dot, score and accumulator tile as padding. SWAP puts the tile's tokens on
-M instead (s^T = c @ w^T, out^T = c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the
-HMMAs, and the softmax, P and accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of
-[16, BLOCK_N] and [16, D/2] (sm_90 page loop: 30.8 -> 23.5 warp instructions per token for INT4 at 2 warps, 39.2 -> 30.7 for INT8;
-attention-ab-swap-h200: 1.13-1.19x as fast from 32k). The full-precision tail runs untransposed.
+Transposed page loop (SWAP: queries of at most SWAP_ROWS rows, i.e. draft steps and target-only decode:
+GRP rows; values quantized per token, as by default). An MMA's M is 16, so a 4-row query on M leaves 12
+of 16 rows of every dot, score and accumulator tile as padding. SWAP puts the tile's tokens on M instead
+(s^T = c @ w^T, out^T = c_v^T @ p^T) and the rows on N, where the MMA's width is 8: half the HMMAs, and
+the softmax, P and accumulator arithmetic on [BLOCK_N, 8] and [D/2, 8] tiles instead of [16, BLOCK_N]
+and [16, D/2] (sm_90 page loop: 30.8 -> 23.5 warp instructions per token for INT4 at 2 warps, 39.2 ->
+30.7 for INT8; attention-ab-swap-h200: 1.13-1.19x as fast from 32k). The full-precision tail runs
+untransposed.
 
 Dequantization folded into the math (no dequantized K or V tile ever exists):
   keys per channel, x = off[d] + sc[d]*c:   score = (q*sc) . c + q . off        (one fp32 row term)
