@@ -48,9 +48,9 @@ PROMPT_SPECS: tuple[tuple[str, str, int], ...] = (
 
 
 # Long prompts (test_prompts_up_to_128k, GPU only): the plugin's default page size, vLLM's default chunked
-# prefill, and a model length of 128k. SmolLM2 was trained to 8k positions, so those engines need
-# VLLM_ALLOW_LONG_MAX_MODEL_LEN: its text past 8k is out of its training but deterministic, and what the
-# test compares is the cache, not the text.
+# prefill, and a model length of 128k. SmolLM2 was trained to 8k positions: its config is told 128k, so that
+# vLLM builds its rotary table that far (a longer max_model_len alone would index past the table); its text
+# past 8k is out of its training but deterministic, and what the test compares is the cache, not the text.
 LONG_G = 128
 LONG_MODEL_LEN = 131072
 QUANTSPEC_GAMMA = 4  # the "quantspec" engines' γ
@@ -129,7 +129,8 @@ def engine_kwargs(model: str, kind: str, platform: str = "cpu") -> dict[str, Any
     common = dict(model=model, max_model_len=MAX_MODEL_LEN, seed=0, max_num_seqs=MAX_NUM_SEQS, block_size=G,
                   enable_prefix_caching=False, **PLATFORMS[platform])
     if kind.startswith("long_"):
-        common.update(max_model_len=LONG_MODEL_LEN, block_size=LONG_G, max_num_seqs=4)
+        common.update(max_model_len=LONG_MODEL_LEN, block_size=LONG_G, max_num_seqs=4,
+                      hf_overrides={"max_position_embeddings": LONG_MODEL_LEN})
         kind = kind.removeprefix("long_")
     if kind == "default":  # vLLM's own backend (CPU_ATTN; FlashAttention on the GPU), full-precision KV
         return common

@@ -82,15 +82,11 @@ LONG_PROMPT_TOKENS = (131_000, 65_000, 3_000)
 LONG_NEW_TOKENS = 64
 
 
-def test_prompts_up_to_128k(engines, model, tolerances, request, monkeypatch):
+def test_prompts_up_to_128k(engines, model, tolerances, request):
     """Prompts of up to 128k tokens: the hierarchical cache against vLLM's default backend (greedy output
     leaves it only at near-ties, and the first token's logprob, which reads the whole prompt through the
     cache, moves by bf16 noise only), every group below each last query flushed exactly once, and
     QuantSpec over the same cache following the target-only run."""
-    from vllm import envs
-
-    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    envs.disable_envs_cache()  # an earlier engine in this process may have frozen vLLM's view of the environment
     prompts = long_prompts(model, LONG_PROMPT_TOKENS)
     inputs, params = [p.as_input() for p in prompts], greedy(LONG_NEW_TOKENS, logprobs=TOP_LOGPROBS)
     ref = Run.of(engines.get("long_default").generate(inputs, params, use_tqdm=False))
