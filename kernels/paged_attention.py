@@ -559,6 +559,7 @@ class Tiles:
     def constants(self, HQ: int, grp: int, D: int, G: int, VG: int, mode: str, direct: bool,
                   write_ring: bool) -> dict:
         """_paged_attention_kernel's compile-time arguments for these tiles."""
+        assert not self.swap or VG == D, "the transposed page loop reads values quantized per token"
         return dict(HQ=HQ, GRP=grp, D=D, G=G, VG=VG, BLOCK_Q=self.block_q, BLOCK_M=self.block_m,
                     BLOCK_N=self.block_n, BLOCK_F=self.block_f, FP_W=_fp_weight(mode, self.block_f, self.block_n),
                     DIRECT=direct, INT8=mode == "int8", EMULATE=interpreting(), WRITE_RING=write_ring,

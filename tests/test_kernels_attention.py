@@ -358,8 +358,8 @@ def test_launch_heuristic():
     """The backend's launch: single-token programs (INT4 draft steps, INT8 target-only decode) take 2 warps
     once the page tiles fill 4 programs per SM (tune-attention-h200), verifies keep 4, and the split count
     fills 8 warps per SM (at least 2 programs), never more splits than page tiles. INT4 draft steps over
-    many page tiles take one warp over 64-token tiles. Queries of up to 8 rows
-    run the page loop transposed (8-row blocks), the others not."""
+    many page tiles take one warp over 64-token tiles. Queries of up to 8 rows run the page loop
+    transposed (8-row blocks) where values are quantized per token, the others not."""
     sms = _num_sms()
     decode, verify = Tiles.of(1, 4, 128), Tiles.of(5, 4, 128)
     assert (decode.block_m, decode.num_warps, decode.swap) == (8, 4, True)
