@@ -16,6 +16,7 @@ from vllm_quantspec.hierarchical_kv_backend import (
     HierarchicalKVMetadataBuilder,
     HierarchicalKVSpec,
     decode_flush,
+    draft_launch_bound,
     ring_destinations,
 )
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig
@@ -162,9 +163,23 @@ def test_fused_decode_metadata_equals_the_torch_path(monkeypatch, is_draft_step)
         b = HierarchicalKVMetadataBuilder(spec, ["layer"], config, torch.device("cpu"))
         b._fused_decode_metadata = fused
         md = b.build_for_drafting(cm, 0) if is_draft_step else b.build(0, cm)
-        return [x if x is None else x.tolist() for x in (md.ring_dst, md.flush_rows, md.flush_blocks)]
+        return [x if x is None else x.tolist() for x in (md.ring_dst, md.flush_rows, md.flush_blocks)] + [md.max_seq_len]
 
     torch_path = metadata(False)
     assert metadata(True) == torch_path
+    # a draft step's launch bound is its bucket, here the engine's max_model_len (below the 4096 floor)
+    assert torch_path[3] == (1024 if is_draft_step else int(seq_lens.max()))
     assert (torch_path[1] is None) == is_draft_step
     assert is_draft_step or sum(blk >= 0 for blk in torch_path[2]) == 2
+
+
+def test_draft_launch_bound_covers_the_batch_in_few_buckets():
+    """A draft step's attention launch is sized by a bucket of the batch's longest sequence (one CUDA
+    graph per bucket): never below it, at most 25% above it past 32k, and 16 buckets up to 128k."""
+    lens = torch.arange(1, 131073).tolist()
+    bounds = [draft_launch_bound(n, 131072) for n in lens]
+    assert all(b >= n for n, b in zip(lens, bounds))
+    assert all(b <= 1.25 * n for n, b in zip(lens, bounds) if n > 32768)
+    assert sorted(set(bounds)) == list(range(4096, 32769, 4096)) + [40960 + 8192 * i for i in range(4)] + \
+        [81920 + 16384 * i for i in range(4)]
+    assert draft_launch_bound(5000, 4608) == 4608

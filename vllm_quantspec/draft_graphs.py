@@ -5,7 +5,8 @@ pieces. For our draft that host work (one custom op, Python and kernel launches 
 several times the draft step's GPU time, and it is paid γ times per verify step. A draft step
 feeds one token per request, and the hierarchical backend builds its metadata into persistent
 buffers on the device (``HierarchicalKVMetadataBuilder``), so the whole step can be captured once
-per batch size and replayed: the builder runs before each step and refreshes those buffers.
+per batch size and launch bound (``draft_launch_bound``: the attention's splits follow the context)
+and replayed: the builder runs before each step and refreshes those buffers.
 
 A step is replayed only when it is the kind that was captured: every attention layer's metadata
 is a single-token hierarchical step, and the inputs and metadata tensors sit at the addresses seen
@@ -72,5 +73,6 @@ class DraftStepGraphs:
             static_out = self.model(input_ids=input_ids, positions=positions)
         self._pool = graph.pool()
         self._graphs[signature] = (graph, static_out)
-        logger.info("QuantSpec: captured a draft-step CUDA graph for %d tokens", input_ids.shape[0])
+        logger.info("QuantSpec: captured a draft-step CUDA graph for %d tokens up to %d positions",
+                    input_ids.shape[0], signature[-1])
         return out
