@@ -76,7 +76,11 @@
 #   twenty-sixth session: calls 1-3, the third with `b8` (470 s), `batch1-gemv default`, .gpu/m1, .gpu/m2 +
 #   `backend-tests`, `tune`; after the one-warp draft launch (33c93a3), a fresh machine: calls 1-3, the third with
 #   bench_e2e.py's QuantSpec engine alone at 1 x 128k by hand (e2e-onewarp-128k-h200; device time spent).
-#   `long-prompts` (test_prompts_up_to_128k) written after that: not run yet
+#   `long-prompts` (test_prompts_up_to_128k) written after that
+#   twenty-seventh session: calls 1-3, the third with `kernel-tests`; .gpu/m1, .gpu/m2 + `long-prompts` (failed in the test's
+#   flush recorder during CUDA graph capture: fixed), `long-prompts` again (passed), `backend-tests`, `batch1-gemv default`
+#   (cdaa6d3: e2e-batch1-onewarp-h200); after draft_launch_bound (9556754), one refused start, a fresh machine: calls 1-3,
+#   the third with `batch1-gemv default` (device time spent)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)
