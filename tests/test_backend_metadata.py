@@ -163,7 +163,8 @@ def test_fused_decode_metadata_equals_the_torch_path(monkeypatch, is_draft_step)
         b = HierarchicalKVMetadataBuilder(spec, ["layer"], config, torch.device("cpu"))
         b._fused_decode_metadata = fused
         md = b.build_for_drafting(cm, 0) if is_draft_step else b.build(0, cm)
-        return [x if x is None else x.tolist() for x in (md.ring_dst, md.flush_rows, md.flush_blocks)] + [md.max_seq_len]
+        indices = [x if x is None else x.tolist() for x in (md.ring_dst, md.flush_rows, md.flush_blocks)]
+        return indices + [md.max_seq_len]
 
     torch_path = metadata(False)
     assert metadata(True) == torch_path
@@ -175,7 +176,8 @@ def test_fused_decode_metadata_equals_the_torch_path(monkeypatch, is_draft_step)
 
 def test_draft_launch_bound_covers_the_batch_in_few_buckets():
     """A draft step's attention launch is sized by a bucket of the batch's longest sequence (one CUDA
-    graph per bucket): never below it, at most 25% above it past 32k, and 16 buckets up to 128k."""
+    graph per bucket): never below it (a launch sized for fewer page tiles than it reads is correct
+    but slow), at most 25% above it past 32k, and 16 buckets up to 128k."""
     lens = torch.arange(1, 131073).tolist()
     bounds = [draft_launch_bound(n, 131072) for n in lens]
     assert all(b >= n for n, b in zip(lens, bounds))
