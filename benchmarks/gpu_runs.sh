@@ -79,7 +79,7 @@
 #   `long-prompts` (test_prompts_up_to_128k) written after that
 #   twenty-seventh session: calls 1-3, the third with `kernel-tests`; .gpu/m1, .gpu/m2 + `long-prompts` (failed in the test's
 #   flush recorder during CUDA graph capture: fixed), `long-prompts` again (passed), `backend-tests`, `batch1-gemv default`
-#   (cdaa6d3: e2e-batch1-onewarp-h200); after draft_launch_bound (9556754), one refused start, a fresh machine: calls 1-3,
+#   (cdaa6d3: e2e-batch1-onewarp-h200); after draft_launch_bound (c70198f), one refused start, a fresh machine: calls 1-3,
 #   the third with `batch1-gemv default` (device time spent)
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
