@@ -105,7 +105,7 @@
 #                QuantSpec (the backend suite's test_prompts_up_to_128k; .gpu/m1, .gpu/m2 first)
 #   attention-ab THIS REF [OTHER...]  the kernels' GPU tests, then attention_ab.py: the working tree's attention kernel
 #                against REF's and OTHERs' (carried as .gpu/ab/NAME.py) at the engine's launches, FA3 beside them, one run
-#   kernel-times [METHODS [CTX]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
+#   kernel-times [METHODS [CTX [gemv|default]]]  profile_step.py --kernels: device time per decode token by kernel, batch 1
 #   tune         the kernels' GPU tests, then tune_attention.py --quick: the attention kernel's warps, register cap,
 #                page tile and split count swept at the engine's launches
 #   ncu          Nsight Compute on the attention kernel's default launches at 1 x 128k (stall reasons, occupancy, and
@@ -473,12 +473,15 @@ PY
     ;;
   kernel-times)
     # where a decode token's device time goes, kernel by kernel (profile_step.py --kernels), 8B shape, batch 1, one
-    # engine per method: `kernel-times METHODS CTX [gemv]` (default hierarchical,bf16 at 32k: issue 4's batch-1 gap;
-    # gemv: QuantSpec's draft with draft_gemv)
+    # engine per method: `kernel-times METHODS CTX [gemv|default]` (default hierarchical,bf16 at 32k: issue 4's
+    # batch-1 gap; gemv: QuantSpec's draft with draft_gemv; default: QuantSpec with no options). CTX 131072 runs a
+    # 130816-token prompt in a 131072-token engine (the 8B config's limit; the profiled tokens need the rest)
     methods=${2:-hierarchical,bf16}; ctx=${3:-32768}
     options=$MARLIN; [ "${4:-}" = gemv ] && options='{"draft_linear_backend": "marlin", "draft_gemv": true}'
+    [ "${4:-}" = default ] && options='{}'
+    lengths=(--ctx "$ctx"); [ "$ctx" = 131072 ] && lengths=(--ctx 130816 --max-model-len 131072)
     for method in ${methods//,/ }; do
-      timeout 190 python benchmarks/profile_step.py --method "$method" --ctx "$ctx" --steps 32 --kernels \
+      timeout 250 python benchmarks/profile_step.py --method "$method" "${lengths[@]}" --steps 32 --kernels \
         --trace "$OUT/kernel-trace-$method-$ctx-h200.json.gz" \
         --accept-length "$(accept_length)" --quantspec-options "$options" 2>&1 | grep -E '^(device|command|\[|\{| )'
     done | tee -a "$RUNS/kernel-times-h200.txt"
