@@ -81,6 +81,9 @@
 #   flush recorder during CUDA graph capture: fixed), `long-prompts` again (passed), `backend-tests`, `batch1-gemv default`
 #   (cdaa6d3: e2e-batch1-onewarp-h200); after draft_launch_bound (c70198f), one refused start, a fresh machine: calls 1-3,
 #   the third with `batch1-gemv default` (device time spent)
+#   twenty-eighth session: no machine lent (the first call refused, loans paused); planned for the next: calls 1-3, the
+#   third with `kernel-times quantspec,bf16 4096 default`, then `kernel-times quantspec,bf16 131072 default`, .gpu/m1,
+#   .gpu/m2 + `backend-tests`, `long-prompts`
 #
 #   kernels      pytest -m gpu on the kernels, then bench_kernels.py (attention, prefill, W4A16 linears)
 #   plain        bench_e2e.py synthetic part, the methods without a draft (bf16, fp8, hierarchical)

@@ -83,9 +83,11 @@ def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int | None 
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}  # 8B shapes: all are
     k = triton.compile(ASTSource(_w4a16_gemv_kernel, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=NUM_WARPS, num_stages=num_stages))
-    usage, loops = sass_report(write_cubin(k, tmp))
+    usage, loops, total = sass_report(write_cubin(k, tmp))
     n, ops, _, body = loops[0]
     weights = BLOCK_N * block_w * 8 // NUM_WARPS  # per warp and step
+    # the whole kernel: the loop once a step, the rest (addresses, the last reductions, the store) once
+    whole = n * triton.cdiv(k_in // 8, block_w) + total - n
     # 128-bit loads (the rows' words, and the activations as pairs) issued before the arithmetic starts
     first_fma = next(i for i, op in enumerate(body) if "FMA" in op)
     early = [i for i, op in enumerate(body[:first_fma]) if "LDG.E.128" in op or "LDGSTS.E.BYPASS.128" in op]
@@ -93,6 +95,8 @@ def gemv_summary(k_in: int, tmp: str, bf16x2: bool = False, block_w: int | None 
     return [f"K={k_in}: rows={BLOCK_N} words={block_w} warps={NUM_WARPS} stages={num_stages}  {usage}",
             f"  step loop: {n} instructions per warp and step = {32 * n / weights:.2f} warp instructions per 32 weights; "
             f"{len(early)} 128-bit loads (or copies to shared memory) before its first FMA (at {first_fma}): {where}",
+            f"  whole kernel: {whole} instructions per warp (the loop once a step, the rest once, NOPs left out) = "
+            f"{32 * whole / (weights * triton.cdiv(k_in // 8, block_w)):.2f} warp instructions per 32 weights",
             "  " + " ".join(f"{op}:{c}" for op, c in ops.most_common(14))]
 
 
@@ -102,9 +106,9 @@ def write_cubin(kernel, tmp: str) -> str:
     return path
 
 
-def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int], list[str]]]]:
-    """cuobjdump's resource line, and (instructions, opcode counts, address range, instructions) of
-    each loop (backward branch) of the cubin at path."""
+def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int], list[str]]], int]:
+    """cuobjdump's resource line, (instructions, opcode counts, address range, instructions) of each loop
+    (backward branch) of the cubin at path, and the kernel's instructions in all, NOPs left out."""
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
     usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res).group(0)
     sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
@@ -117,7 +121,7 @@ def sass_report(path: str) -> tuple[str, list[tuple[int, Counter, tuple[int, int
             body = [o for a, o in ins if lo <= a <= at]
             loops.append((len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body),
                           (lo, at), body))
-    return usage, loops
+    return usage, loops, sum(not op.startswith("NOP") for _, op in ins)
 
 
 def source_lines(path: str, span: tuple[int, int], top: int = 10) -> list[str]:
@@ -152,7 +156,7 @@ def page_loop_summary(q_len: int, mode: str, tmp: str, block_n: int | None = Non
     """One launch variant's page loop: warp instructions per token and KV head, spill loads/stores in it,
     and the resource line."""
     k, t = compile_sm90(q_len, mode, block_n, num_warps, maxnreg, block_m)
-    usage, loops = sass_report(write_cubin(k, tmp))
+    usage, loops, _ = sass_report(write_cubin(k, tmp))
     n, ops, *_ = loops[0]
     return f"{n * t.num_warps / t.block_n:.1f} per token, LDL+STL {ops['LDL'] + ops['STL']}  ({usage})"
 
@@ -171,7 +175,7 @@ def main() -> None:
     for label, q_len, mode in SHAPES:
         k, t = compile_sm90(q_len, mode)
         cubin = write_cubin(k, tmp)
-        usage, loops = sass_report(cubin)
+        usage, loops, _ = sass_report(cubin)
         n, ops, span, _ = loops[0]  # whole page tiles (the masked loop and the full-precision tail follow)
         lines += [f"{label} {mode}: BLOCK_M={t.block_m} BLOCK_N={t.block_n} warps={t.num_warps} "
                   f"{'transposed ' if t.swap else ''}{usage}",
