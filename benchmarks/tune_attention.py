@@ -22,7 +22,7 @@ import math
 import torch
 
 from bench_kernels import HQ, D, G, H, attention_rows, quantized_case, timed
-from vllm_quantspec.kernels.paged_attention import Tiles, _num_sms, _pick_num_splits, paged_attention
+from vllm_quantspec.kernels.paged_attention import _num_sms, _pick_num_splits, launch, paged_attention
 
 # registers per thread: ptxas's choice (255 for decode: 2 programs of 4 warps per SM), or capped for 3
 # programs per SM at the cost of spills (kernel_sass.py counts them off the GPU)
@@ -128,7 +128,7 @@ def main():
         case = quantized_case(batch, ctx, q_len)
         for mode in modes:
             # the backend's launch (paged_attention's defaults)
-            default_tiles = Tiles.of(q_len, HQ // H, G, seq_heads=batch * H, max_seq_len=ctx, mode=mode)
+            default_tiles, heuristic = launch(q_len, ctx, batch, H, HQ // H, G, mode, per_token_values=True)
             # (block_n, warps, stages, maxnreg). Fewer warps per program: fewer cross-warp reductions and
             # barriers per tile (kernel-sass-sm90.txt: 18 BAR a tile at 4 warps), and more programs per SM
             # to hide each one's latency (split count up to 8 programs per SM at one warp)
@@ -152,7 +152,6 @@ def main():
                                      stages=stages, maxnreg=maxnreg, splits=splits, tiles_per_split=units / splits, us=us,
                                      GBps=case["bytes"][mode] / us / 1e3))
             default = measured[mode]
-            heuristic = _pick_num_splits(batch * H, ctx // default_tiles.block_n, default_tiles.num_warps)
             rows.sort(key=lambda r: r["us"])
             results += rows
             b = rows[0]

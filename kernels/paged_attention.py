@@ -566,6 +566,25 @@ class Tiles:
                     SWAP=self.swap)
 
 
+def launch(max_query_len: int, max_seq_len: int, num_seqs: int, num_kv_heads: int, grp: int, G: int, mode: str,
+           per_token_values: bool, *, batch_invariant: bool = False, block_m: int | None = None,
+           block_n: int | None = None, num_warps: int | None = None, num_splits: int | None = None
+           ) -> tuple[Tiles, int]:
+    """A call's tiles and split count: with the tensors' shapes, all its launch depends on. `max_seq_len`
+    only sizes them (the kernel takes its sequences' lengths on the device), so bounds that give the same
+    launch are interchangeable (the backend's draft steps share one CUDA graph among them)."""
+    if batch_invariant:
+        num_splits, block_m = 1, 64
+    tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps,
+                     seq_heads=num_seqs * num_kv_heads, max_seq_len=max_seq_len, mode=mode,
+                     per_token_values=per_token_values)
+    if num_splits is None:
+        n_qblocks = triton.cdiv(max_query_len, tiles.block_q)
+        num_splits = _pick_num_splits(num_seqs * num_kv_heads * n_qblocks, triton.cdiv(max_seq_len, tiles.block_n),
+                                      tiles.num_warps)
+    return tiles, num_splits
+
+
 def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pages, layout,
                     k_ring, v_ring, ring_slot, mode, sm_scale, fp_keep, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None, out=None,
@@ -604,19 +623,16 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
-    if batch_invariant:
-        num_splits, block_m = 1, 64
-        assert ring_dst is None, "batch_invariant: one kernel build for every call, so the ring is written after"
+    assert not (batch_invariant and ring_dst is not None), \
+        "batch_invariant: one kernel build for every call, so the ring is written after"
     if out is None:
         out = torch.empty_like(q)
     if T == 0:
         return out
-    tiles = Tiles.of(max_query_len, grp, G, batch_invariant, block_m, block_n, num_warps, seq_heads=B * H,
-                     max_seq_len=max_seq_len, mode=mode, per_token_values=VG == D)
-    block_q, block_m, block_n, block_f, num_warps, _ = dataclasses.astuple(tiles)
-    n_qblocks = triton.cdiv(max_query_len, block_q)
-    if num_splits is None:
-        num_splits = _pick_num_splits(B * H * n_qblocks, triton.cdiv(max_seq_len, block_n), num_warps)
+    tiles, num_splits = launch(max_query_len, max_seq_len, B, H, grp, G, mode, VG == D,
+                               batch_invariant=batch_invariant, block_m=block_m, block_n=block_n,
+                               num_warps=num_warps, num_splits=num_splits)
+    n_qblocks = triton.cdiv(max_query_len, tiles.block_q)
     write_ring = ring_dst is not None
     if write_ring:
         assert ring_dst.dtype == torch.int64 and k_ring.is_contiguous() and v_ring.is_contiguous()
@@ -643,7 +659,7 @@ def paged_attention(q, k_new, v_new, query_start_loc, seq_lens, block_table, pag
         out, out.stride(0), out.stride(1), po, plse, ring_dst if write_ring else seq_lens,
         sm_scale * LOG2E, k_ring.shape[1], num_splits,
         **tiles.constants(HQ, grp, D, G, VG, mode, direct=num_splits == 1, write_ring=write_ring),
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+        num_warps=tiles.num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     if num_splits > 1:
         _merge_kernel[(T, HQ)](po, plse, out, out.stride(0), out.stride(1), num_splits, HQ=HQ, D=D,
                                SPLITS_P2=triton.next_power_of_2(num_splits))

@@ -12,12 +12,14 @@ import torch
 import vllm_quantspec
 from vllm_quantspec import recent_buffer
 from vllm_quantspec.embedded_model import embedded_model_path
+from vllm_quantspec.kernels import paged_attention
 from vllm_quantspec.hierarchical_kv_backend import (
     HierarchicalKVMetadataBuilder,
     HierarchicalKVSpec,
     decode_flush,
     draft_launch_bound,
     ring_destinations,
+    shared_draft_bounds,
 )
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig
 
@@ -185,3 +187,21 @@ def test_draft_launch_bound_covers_the_batch_in_few_buckets():
     assert sorted(set(bounds)) == list(range(4096, 32769, 4096)) + [40960 + 8192 * i for i in range(4)] + \
         [81920 + 16384 * i for i in range(4)]
     assert draft_launch_bound(5000, 4608) == 4608
+
+
+def test_draft_bounds_that_launch_alike_share_one(monkeypatch):
+    """Bounds whose draft-step attention launch is the same share the largest of them (draft_graphs then
+    captures one graph for them): never below a step's own bound, launching exactly as it, and on the 8B's
+    attention (8 KV heads of 4 query heads, G = 128) on an H200's 132 SMs, the 16 bounds up to 128k make 4
+    launches at batch 1, 2 at batch 4 and one from batch 16 on."""
+    monkeypatch.setattr(paged_attention, "_num_sms", lambda: 132)
+    for batch, launches in ((1, 4), (2, 3), (4, 2), (16, 1), (256, 1)):
+        shared = shared_draft_bounds(131072, batch, 8, 4, 128, True)
+        assert len(shared) == 16 and len(set(shared.values())) == launches, (batch, shared)
+        for bound, to in shared.items():
+            assert to >= bound
+            assert paged_attention.launch(1, to, batch, 8, 4, 128, "int4", True) == \
+                paged_attention.launch(1, bound, batch, 8, 4, 128, "int4", True)
+    # at batch 1: 4k alone, 8k alone (33 splits, not 32), 12k-48k at 2 warps, 56k-128k at one warp
+    assert sorted(set(shared_draft_bounds(131072, 1, 8, 4, 128, True).values())) == [4096, 8192, 49152, 131072]
+    assert shared_draft_bounds(4608, 1, 8, 4, 128, True) == {4096: 4096, 4608: 4608}

@@ -44,6 +44,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm_quantspec import hierarchical_kv, reference_attention
 from vllm_quantspec.hierarchical_kv import HierarchicalPageLayout
 from vllm_quantspec.kernels.decode_metadata import decode_metadata
+from vllm_quantspec.kernels.paged_attention import launch
 from vllm_quantspec.kernels.prefill_attention import PrefillPlan, plan_prefill, prefill_attention
 from vllm_quantspec.options import KV_GROUP_SIZES
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig, recent_buffer
@@ -210,7 +211,8 @@ def draft_launch_bound(max_seq_len: int, max_model_len: int) -> int:
     """The sequence-length bound a draft step's attention launch is sized by (its splits and warps):
     `max_seq_len` rounded up to a multiple of 4096, or past 32k of a quarter of its power of two (at
     most 25% more page tiles than the batch has), capped at max_model_len. Each bound is one CUDA graph
-    per batch size (draft_graphs), captured when the batch's longest sequence first enters it. The
+    per batch size (draft_graphs), captured when the batch's longest sequence first enters it (bounds that
+    launch alike share one: `shared_draft_bounds`). The
     bound only sizes the launch (a split takes its share of its sequence's actual length on the
     device), so any bound is correct. Sized by max_model_len instead (before), a 128k engine drafted
     at 4k with the 128k launch: 132 one-warp splits per KV head, each with at most one 64-token page
@@ -218,6 +220,20 @@ def draft_launch_bound(max_seq_len: int, max_model_len: int) -> int:
     15.52 before the one-warp launch)."""
     step = 1 << max(max_seq_len.bit_length() - 3, 12)
     return min(max_model_len, -(-max_seq_len // step) * step)
+
+
+def shared_draft_bounds(max_model_len: int, num_seqs: int, num_kv_heads: int, grp: int, G: int,
+                        per_token_values: bool) -> dict[int, int]:
+    """Each `draft_launch_bound` up to max_model_len -> the largest of them that gives num_seqs sequences the
+    same INT4 single-token attention launch (tiles and splits: kernels/paged_attention.launch). Since draft_graphs
+    keys a step by its bound, bounds that launch alike then share one CUDA graph. With 8 KV heads of 4 query
+    heads on 132 SMs, the 16 bounds up to 128k make 4 launches at batch 1, 2 at batch 4, one from batch 16 on."""
+    bounds, b = [], 0
+    while b < max_model_len:
+        b = draft_launch_bound(b + 1, max_model_len)
+        bounds.append(b)
+    launches = {b: launch(1, b, num_seqs, num_kv_heads, grp, G, "int4", per_token_values) for b in bounds}
+    return {b: max(c for c in bounds if launches[c] == launches[b]) for b in bounds}
 
 
 class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetadata]):
@@ -249,6 +265,10 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         self._slot = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._max_model_len = vllm_config.model_config.max_model_len
+        # what a draft step's attention launch depends on besides its bound (_draft_bound)
+        self._kv_heads, self._head_size = kv_cache_spec.num_kv_heads, kv_cache_spec.head_size
+        self._grp = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config) // self._kv_heads
+        self._draft_bounds: dict[int, dict[int, int]] = {}
         # vLLM's host seq_lens (seq_lens_cpu_upper_bound) are exact, except under async scheduling with
         # speculative decoding: the runner then plans step n+1 before step n's acceptance is known, and
         # its host values assume every draft was accepted (it corrects only the device seq_lens).
@@ -272,6 +292,14 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
                            draft_index: int) -> HierarchicalKVMetadata:
         return self._build(common_attn_metadata, is_draft_step=True)
 
+    def _draft_bound(self, n: int, max_seq_len: int) -> int:
+        """A draft step's launch bound for n sequences (`shared_draft_bounds`, computed once per n)."""
+        if n not in self._draft_bounds:
+            cfg = self.config
+            self._draft_bounds[n] = shared_draft_bounds(self._max_model_len, n, self._kv_heads, self._grp,
+                                                        cfg.group_size, cfg.v_group == self._head_size)
+        return self._draft_bounds[n][draft_launch_bound(max_seq_len, self._max_model_len)]
+
     def _build(self, cm: CommonAttentionMetadata, is_draft_step: bool) -> HierarchicalKVMetadata:
         """Target steps flush; draft steps (one token each) only read pages and write the ring."""
         cfg, n, t = self.config, cm.num_reqs, cm.num_actual_tokens
@@ -279,7 +307,7 @@ class HierarchicalKVMetadataBuilder(AttentionMetadataBuilder[HierarchicalKVMetad
         # Draft steps get seq_lens in a fresh tensor each step: a persistent copy (and a split-K
         # bound that changes only between buckets) let draft_graphs replay a captured step.
         seq_lens = self._seq_lens[:n].copy_(cm.seq_lens[:n]) if is_draft_step else cm.seq_lens[:n]
-        max_seq_len = draft_launch_bound(cm.max_seq_len, self._max_model_len) if is_draft_step else cm.max_seq_len
+        max_seq_len = self._draft_bound(n, cm.max_seq_len) if is_draft_step else cm.max_seq_len
         qsl = cm.query_start_loc[: n + 1]
         decode_step = cm.max_query_len <= cfg.gamma + 1  # decode, verify or draft step
         # on a GPU its ring rows and flush list come from one kernel (decode_metadata)
