@@ -192,7 +192,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_dm) = plt.subplots(1, 2, figsize=(15, 7), width_ratios=(3, 2), layout="constrained")
+    fig, (ax, ax_dm) = plt.subplots(1, 2, figsize=(14, 6.5), width_ratios=(3, 2), layout="constrained")
     sources = list(dict.fromkeys(s for s, _, _ in best))
     for k, source in enumerate(sources):
         for batch, style in ((1, "-"), (4, "--"), (16, ":")):
@@ -231,7 +231,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
     ax_dm.set(xlabel="context (k tokens)", ylabel="draft_model ms / QuantSpec ms (above 1: QuantSpec ahead)",
               title="against draft_model (1B-shaped), same acceptance")
     ax_dm.legend(fontsize=6)
-    fig.savefig(stem + ".png", dpi=120)
+    fig.savefig(stem + ".png", dpi=90)
     plt.close(fig)
 
 
