@@ -105,7 +105,8 @@ def main() -> None:
                 ms = {draft: (gamma * (b[draft] + kv * b["kv_int4"]) + b["target"] + kv * b["kv_int8"])
                       / bw * 1e3 / tokens for draft in ("draft", "draft_int4_lm_head")}
                 qs_ms = ms["draft"]
-                dm_ms = (gamma * (dm["weights"] + kv * dm["kv_bf16"]) + b["target"] + kv * b["kv_bf16"]) / bw * 1e3 / tokens
+                dm_bytes = gamma * (dm["weights"] + kv * dm["kv_bf16"]) + b["target"] + kv * b["kv_bf16"]
+                dm_ms = dm_bytes / bw * 1e3 / tokens
                 row = {"acceptance": source, "batch": batch, "ctx": ctx, "gamma": gamma,
                        "tokens_per_step": round(tokens, 3), "ideal_bf16_ms": round(bf16_ms, 3),
                        "ideal_quantspec_ms": round(qs_ms, 3), "ceiling": round(bf16_ms / qs_ms, 3),
@@ -133,6 +134,16 @@ def main() -> None:
     print(open(stem + ".md").read())
 
 
+def latest_sentence(result: dict) -> str:
+    """The --latest run's batch-1 speedups, as a sentence for the table's header ('' without one)."""
+    if "latest" not in result:
+        return ""
+    speedups = result["latest"]["speedup_batch1"]
+    return (f" A later run, `{result['latest']['e2e']}`, measured QuantSpec at "
+            + " / ".join(f"{v:.2f}x" for v in speedups.values()) + " of bf16 at batch 1 x "
+            + " / ".join(f"{int(c) // 1024}k" for c in speedups) + " (the plot's dashed line).")
+
+
 def write_table_and_plot(result: dict, stem: str) -> None:
     b = result["bytes"]
     best = {}  # (acceptance, batch, ctx) -> the row of the γ with the highest ceiling
@@ -152,10 +163,7 @@ def write_table_and_plot(result: dict, stem: str) -> None:
              "maximizes it: the best speedup with kernels as efficient as bf16's. Measured bf16 / ideal QuantSpec: "
              "QuantSpec's kernels at the copy bandwidth against vLLM bf16 as it runs (an upper bound no kernel "
              "reaches). Target: issue 5's speedup over bf16 (batch 1)."
-             + (f" A later run, `{result['latest']['e2e']}`, measured QuantSpec at "
-                + " / ".join(f"{v:.2f}x" for v in result["latest"]["speedup_batch1"].values()) + " of bf16 at batch 1 x "
-                + " / ".join(f"{int(c) // 1024}k" for c in result["latest"]["speedup_batch1"]) + " (the plot's dashed line)."
-                if "latest" in result else ""), "",
+             + latest_sentence(result), "",
              "| acceptance (real, per position) | batch | ctx | best γ | tokens / step | ideal bf16 ms | ideal "
              "QuantSpec ms/token | ceiling | with int4 lm_head | measured bf16 / ideal QuantSpec | target | measured "
              "bf16 ms | measured QuantSpec γ=4 ms | measured speedup |", "|---" * 14 + "|"]
@@ -175,8 +183,8 @@ def write_table_and_plot(result: dict, stem: str) -> None:
               f"{b['draft'] / 1e9:.2f} GB and {b['kv_int4'] / 1024:.1f} KiB (INT4), and its verify reads INT8 KV where "
               "draft_model's reads bf16. Each at its best γ. Ideal ratio = ideal draft_model / ideal QuantSpec ms per "
               "token: above 1, QuantSpec is ahead at the byte bound. Measured: both at γ=4 in the run above.", "",
-              "| acceptance | batch | ctx | ideal QuantSpec ms/token (γ) | ideal draft_model ms/token (γ) | ideal ratio "
-              "| measured QuantSpec ms | measured draft_model ms | measured ratio |", "|---" * 9 + "|"]
+              "| acceptance | batch | ctx | ideal QuantSpec ms/token (γ) | ideal draft_model ms/token (γ) | ideal "
+              "ratio | measured QuantSpec ms | measured draft_model ms | measured ratio |", "|---" * 9 + "|"]
     for (source, batch, ctx), r in best.items():
         here = [x for x in result["rows"] if (x["acceptance"], x["batch"], x["ctx"]) == (source, batch, ctx)]
         dm = min(here, key=lambda x: x["ideal_draft_model_ms"])

@@ -12,7 +12,6 @@ import torch
 import vllm_quantspec
 from vllm_quantspec import recent_buffer
 from vllm_quantspec.embedded_model import embedded_model_path
-from vllm_quantspec.kernels import paged_attention
 from vllm_quantspec.hierarchical_kv_backend import (
     HierarchicalKVMetadataBuilder,
     HierarchicalKVSpec,
@@ -21,6 +20,7 @@ from vllm_quantspec.hierarchical_kv_backend import (
     ring_destinations,
     shared_draft_bounds,
 )
+from vllm_quantspec.kernels import paged_attention
 from vllm_quantspec.recent_buffer import HierarchicalKVConfig
 
 

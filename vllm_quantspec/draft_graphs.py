@@ -6,7 +6,8 @@ several times the draft step's GPU time, and it is paid γ times per verify step
 feeds one token per request, and the hierarchical backend builds its metadata into persistent
 buffers on the device (``HierarchicalKVMetadataBuilder``), so the whole step can be captured once
 per batch size and launch bound (``draft_launch_bound``: the attention's splits follow the context;
-bounds that launch alike share one, ``shared_draft_bounds``) and replayed: the builder runs before each step and refreshes those buffers.
+bounds that launch alike share one, ``shared_draft_bounds``) and replayed: the builder runs before
+each step and refreshes those buffers.
 
 A step is replayed only when it is the kind that was captured: every attention layer's metadata
 is a single-token hierarchical step, and the inputs and metadata tensors sit at the addresses seen
