@@ -211,10 +211,9 @@ def draft_launch_bound(max_seq_len: int, max_model_len: int) -> int:
     """The sequence-length bound a draft step's attention launch is sized by (its splits and warps):
     `max_seq_len` rounded up to a multiple of 4096, or past 32k of a quarter of its power of two (at
     most 25% more page tiles than the batch has), capped at max_model_len. Each bound is one CUDA graph
-    per batch size (draft_graphs), captured when the batch's longest sequence first enters it (bounds that
-    launch alike share one: `shared_draft_bounds`). The
-    bound only sizes the launch (a split takes its share of its sequence's actual length on the
-    device), so any bound is correct. Sized by max_model_len instead (before), a 128k engine drafted
+    per batch size (draft_graphs), captured when the batch's longest sequence first enters it (bounds
+    that launch alike share one: `shared_draft_bounds`). The bound only sizes the launch (a split takes
+    its share of its sequence's actual length on the device), so any bound is correct. Sized by max_model_len instead (before), a 128k engine drafted
     at 4k with the 128k launch: 132 one-warp splits per KV head, each with at most one 64-token page
     tile, merged from 132 partials (e2e-batch1-onewarp-h200: 17.10 ms a verify step at 4k against
     15.52 before the one-warp launch)."""
